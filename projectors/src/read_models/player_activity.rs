@@ -1,0 +1,103 @@
+//! Player activity per world: choices made, stories played, first and last seen.
+//! Added after launch as the worked example of "adding a projector" (see the
+//! projectors README): this file, its migration, one registry line, then
+//! `worldline replay player_activity` builds it from the whole history.
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use sqlx::PgConnection;
+use sqlx::migrate::Migrator;
+use worldline_schemas::Family;
+use worldline_schemas::envelope::EnvelopeExt;
+use worldline_schemas::pb::envelope::Body;
+
+use crate::projector::{ApplyError, Event, Projector};
+use crate::read_models::names::to_i64;
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/player_activity");
+
+/// Projects `StoryChoiceMade` events into one row per (world, player).
+#[derive(Debug, Default)]
+pub struct PlayerActivityProjector;
+
+impl Projector for PlayerActivityProjector {
+    fn name(&self) -> &'static str {
+        "player_activity"
+    }
+
+    fn families(&self) -> &'static [Family] {
+        &[Family::Story]
+    }
+
+    fn migrator(&self) -> &'static Migrator {
+        &MIGRATOR
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [Event],
+    ) -> BoxFuture<'a, Result<(), ApplyError>> {
+        async move {
+            let (mut ids, mut worlds, mut players, mut stories, mut ticks, mut times, mut offsets) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for event in events {
+                let Some(Body::StoryChoiceMade(choice)) = &event.envelope.body else {
+                    continue;
+                };
+                ids.push(event.envelope.event_uuid());
+                worlds.push(event.envelope.world_id.clone());
+                players.push(choice.player_id.clone());
+                stories.push(choice.story_id.clone());
+                ticks.push(to_i64(event.envelope.world_tick));
+                times.push(event.envelope.occurred_at());
+                offsets.push(event.offset);
+            }
+            if ids.is_empty() {
+                return Ok(());
+            }
+            // Only choices not counted before move the totals; one statement.
+            sqlx::query(
+                "WITH batch AS (
+                     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
+                                          $5::bigint[], $6::timestamptz[], $7::bigint[])
+                       AS b(event_id, world_id, player_id, story_id, tick, occurred_at, log_offset)
+                 ), fresh AS (
+                     INSERT INTO counted_choices (event_id)
+                     SELECT DISTINCT event_id FROM batch
+                     ON CONFLICT DO NOTHING
+                     RETURNING event_id
+                 ), per_player AS (
+                     SELECT b.world_id, b.player_id, count(*) AS choices,
+                            array_agg(DISTINCT b.story_id ORDER BY b.story_id) AS stories,
+                            min(b.tick) AS first_tick, max(b.tick) AS last_tick,
+                            min(b.occurred_at) AS first_seen, max(b.occurred_at) AS last_seen
+                       FROM (SELECT DISTINCT ON (event_id) * FROM batch ORDER BY event_id, log_offset) b
+                       JOIN fresh USING (event_id)
+                      GROUP BY b.world_id, b.player_id
+                 )
+                 INSERT INTO player_activity AS a
+                     (world_id, player_id, choices, stories, first_tick, last_tick, first_seen, last_seen)
+                 SELECT * FROM per_player
+                 ON CONFLICT (world_id, player_id) DO UPDATE SET
+                     choices = a.choices + EXCLUDED.choices,
+                     stories = ARRAY(SELECT DISTINCT s FROM unnest(a.stories || EXCLUDED.stories) AS s ORDER BY s),
+                     first_tick = LEAST(a.first_tick, EXCLUDED.first_tick),
+                     last_tick = GREATEST(a.last_tick, EXCLUDED.last_tick),
+                     first_seen = LEAST(a.first_seen, EXCLUDED.first_seen),
+                     last_seen = GREATEST(a.last_seen, EXCLUDED.last_seen)",
+            )
+            .bind(ids)
+            .bind(worlds)
+            .bind(players)
+            .bind(stories)
+            .bind(ticks)
+            .bind(times)
+            .bind(offsets)
+            .execute(&mut *tx)
+            .await?;
+            Ok(())
+        }
+        .boxed()
+    }
+}

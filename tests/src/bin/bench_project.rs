@@ -1,0 +1,2247 @@
+//! `bench_project`: how fast the read side is, measured on the local stack in one run.
+//!
+//! It prints figures and asserts nothing (see `ops/bench/README.md`):
+//! 1. raw PostgreSQL limits on the same server: binary `COPY` of read-model rows and
+//!    a batched `UNNEST … ON CONFLICT DO UPDATE` onto existing rows;
+//! 2. projection throughput of each read model from offset zero, and of all five
+//!    together on the mixed workload, beside the appender's event rate;
+//! 3. end-to-end freshness (append → visible in PostgreSQL) at half the mixed maximum;
+//! 4. peak resident memory of the real `worldline project` process on a backlog.
+//!
+//! Sizes come from the environment: `BENCH_EVENTS` (events per family and in the
+//! mixed backlog), `BENCH_WORLDS`, `BENCH_BATCH_SIZES` (comma separated; the first
+//! one is judged), `BENCH_FRESHNESS_SECS`, `BENCH_WORLDLINE_BIN`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use worldline_ops::{Health, Settings};
+use worldline_producers::{Appender, AppenderOptions};
+use worldline_projectors::read_models::names::{
+    inference_outcome, inference_purpose, to_i32, to_i64,
+};
+use worldline_projectors::{Projector, ProjectorRuntime, SchemaName, registry};
+use worldline_schemas::envelope::{EnvelopeExt, new_envelope};
+use worldline_schemas::pb::envelope::Body;
+use worldline_schemas::pb::{
+    ClockTicked, Envelope, InferenceOutcome, InferencePurpose, InferenceRecorded, Season,
+    StoryChoiceMade, WeatherChanged, WeatherCondition,
+};
+use worldline_schemas::{Family, WorldId};
+use worldline_tests::TestEnv;
+use worldline_tests::workload::Workload;
+
+/// Partitions per event topic, as in production defaults and the reliability tests.
+const PARTITIONS: i32 = 8;
+/// Events handed to one `append_batch` call while loading a backlog.
+const APPEND_CHUNK: usize = 20_000;
+/// Rows per statement of the raw upsert, the size of a full projector batch.
+const UPSERT_BATCH: usize = 2_000;
+/// Statements of the raw upsert.
+const UPSERT_ROUNDS: usize = 100;
+/// Longest a projector may take to reach the end of its topics before the run fails.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(240);
+/// How often the freshness run appends a small batch.
+const PACE_EVERY: Duration = Duration::from_millis(5);
+/// Pause between two reads of the stored offsets while measuring freshness.
+const FRESHNESS_POLL: Duration = Duration::from_millis(2);
+
+/// The single-family read models, each measured on its own topic.
+const SINGLE_FAMILY: [(&str, Family); 4] = [
+    ("clock", Family::Clock),
+    ("weather", Family::Weather),
+    ("story", Family::Story),
+    ("inference", Family::Inference),
+];
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+/// What the run measures, from `BENCH_*` variables.
+#[derive(Debug, Clone)]
+struct BenchConfig {
+    /// Events appended per family, and in the mixed backlog.
+    events: usize,
+    /// Worlds the events are spread over.
+    worlds: usize,
+    /// `batch_max_records` values to try; the first is the judged one.
+    batch_sizes: Vec<usize>,
+    /// Length of the steady-rate freshness run.
+    freshness: Duration,
+    /// The release `worldline` binary whose memory is measured.
+    binary: PathBuf,
+    /// Extra environment for that binary (`BENCH_CHILD_ENV="K=V;K=V"`), to try
+    /// settings such as `WORLDLINE__KAFKA__PROPERTIES__QUEUED_MAX_MESSAGES_KBYTES`.
+    child_env: Vec<(String, String)>,
+    /// `BENCH_ONLY=memory`: append the backlogs, measure the binary's memory, stop.
+    memory_only: bool,
+}
+
+impl BenchConfig {
+    fn from_env(default_batch: usize) -> anyhow::Result<BenchConfig> {
+        let number = |name: &str, default: usize| -> anyhow::Result<usize> {
+            match std::env::var(name) {
+                Ok(raw) => raw
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("{name}={raw:?} is not a number")),
+                Err(_) => Ok(default),
+            }
+        };
+        let batch_sizes = match std::env::var("BENCH_BATCH_SIZES") {
+            Ok(raw) => parse_batch_sizes(&raw)?,
+            Err(_) => batch_size_variants(default_batch),
+        };
+        let binary = std::env::var("BENCH_WORLDLINE_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/worldline")
+            });
+        Ok(BenchConfig {
+            events: number("BENCH_EVENTS", 200_000)?,
+            worlds: number("BENCH_WORLDS", 1_000)?,
+            batch_sizes,
+            freshness: Duration::from_secs(u64::try_from(number("BENCH_FRESHNESS_SECS", 20)?)?),
+            binary,
+            child_env: parse_child_env(&std::env::var("BENCH_CHILD_ENV").unwrap_or_default())?,
+            memory_only: std::env::var("BENCH_ONLY").is_ok_and(|v| v == "memory"),
+        })
+    }
+}
+
+/// Batch sizes to try: the settings default first (the judged one), then a
+/// quarter and two and a half times it, to show where batching stops paying.
+fn batch_size_variants(default_batch: usize) -> Vec<usize> {
+    let mut sizes = vec![default_batch.max(1)];
+    for candidate in [default_batch / 4, default_batch * 5 / 2] {
+        if candidate > 0 && !sizes.contains(&candidate) {
+            sizes.push(candidate);
+        }
+    }
+    sizes
+}
+
+fn parse_child_env(raw: &str) -> anyhow::Result<Vec<(String, String)>> {
+    raw.split(';')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .with_context(|| format!("BENCH_CHILD_ENV entry {pair:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn parse_batch_sizes(raw: &str) -> anyhow::Result<Vec<usize>> {
+    let sizes: Vec<usize> = raw
+        .split(',')
+        .map(|part| part.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| {
+            format!("BENCH_BATCH_SIZES={raw:?} must be numbers separated by commas")
+        })?;
+    if sizes.is_empty() || sizes.contains(&0) {
+        bail!("BENCH_BATCH_SIZES={raw:?} must list positive numbers");
+    }
+    Ok(sizes)
+}
+
+// ---------------------------------------------------------------------------
+// Pure arithmetic: rates, percentiles, pacing, verdicts
+// ---------------------------------------------------------------------------
+
+/// Items per second.
+fn per_second(count: u64, elapsed: Duration) -> f64 {
+    let seconds = elapsed.as_secs_f64();
+    if seconds <= 0.0 {
+        return 0.0;
+    }
+    count as f64 / seconds
+}
+
+/// The `q` quantile (0..=1) of sorted values, nearest rank; 0 when empty.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// How many more events a steady `rate` owes after `elapsed`, `sent` already sent.
+fn events_due(rate_per_s: f64, elapsed: Duration, sent: u64) -> u64 {
+    let owed = (rate_per_s * elapsed.as_secs_f64()).floor() as u64;
+    owed.saturating_sub(sent)
+}
+
+/// A goal from issue 4.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Goal {
+    fn met_by(self, value: f64) -> bool {
+        match self {
+            Goal::AtLeast(bound) => value >= bound,
+            Goal::AtMost(bound) => value <= bound,
+        }
+    }
+}
+
+fn verdict(goal: Goal, value: f64) -> &'static str {
+    if goal.met_by(value) { "PASS" } else { "MISS" }
+}
+
+/// Next offset per `(topic, partition)`.
+type Offsets = HashMap<(String, i32), i64>;
+
+/// Records applied so far (stored offsets capped at the ends) and whether every
+/// non-empty partition is at its end.
+fn progress(stored: &Offsets, ends: &Offsets) -> (i64, bool) {
+    let mut applied = 0;
+    let mut done = true;
+    for (key, end) in ends {
+        let at = stored.get(key).copied().unwrap_or(0);
+        applied += at.min(*end);
+        done &= at >= *end;
+    }
+    (applied, done)
+}
+
+/// When a record at `offset` first showed as applied, given a partition's stored
+/// next offset observed over time (non-decreasing).
+fn visible_at(observed: &[(Duration, i64)], offset: i64) -> Option<Duration> {
+    let index = observed.partition_point(|(_, next)| *next <= offset);
+    observed.get(index).map(|(at, _)| *at)
+}
+
+/// A `kB` field of `/proc/<pid>/status` (e.g. `VmRSS`), in KiB.
+fn status_kib(status: &str, field: &str) -> Option<u64> {
+    status.lines().find_map(|line| {
+        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// What the runtime's own metrics say about one projector's batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct BatchStats {
+    batches: f64,
+    seconds: f64,
+    events: f64,
+}
+
+/// Per-projector batch counts, time in batches and events applied, from a
+/// Prometheus text rendering (cumulative values).
+fn batch_stats(rendered: &str) -> HashMap<String, BatchStats> {
+    let mut stats: HashMap<String, BatchStats> = HashMap::new();
+    for line in rendered.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let Some(projector) = series
+            .split_once("projector=\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(name, _)| name.to_owned())
+        else {
+            continue;
+        };
+        let entry = stats.entry(projector).or_default();
+        if series.starts_with("worldline_projector_batch_duration_seconds_count") {
+            entry.batches += value;
+        } else if series.starts_with("worldline_projector_batch_duration_seconds_sum") {
+            entry.seconds += value;
+        } else if series.starts_with("worldline_projector_events_total")
+            && series.contains("result=\"applied\"")
+        {
+            entry.events += value;
+        }
+    }
+    stats
+}
+
+/// `after - before`, per projector.
+fn batch_stats_between(before: &str, after: &str) -> Vec<(String, BatchStats)> {
+    let before = batch_stats(before);
+    let mut delta: Vec<(String, BatchStats)> = batch_stats(after)
+        .into_iter()
+        .map(|(name, a)| {
+            let b = before.get(&name).copied().unwrap_or_default();
+            let d = BatchStats {
+                batches: a.batches - b.batches,
+                seconds: a.seconds - b.seconds,
+                events: a.events - b.events,
+            };
+            (name, d)
+        })
+        .filter(|(_, d)| d.batches > 0.0)
+        .collect();
+    delta.sort_by(|a, b| a.0.cmp(&b.0));
+    delta
+}
+
+/// Busy and total CPU time of the machine (`/proc/stat`) and this process's
+/// CPU time (`/proc/self/stat`), in clock ticks.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuTimes {
+    machine_busy: u64,
+    machine_total: u64,
+    this_process: u64,
+}
+
+/// Parses the aggregate `cpu` line of `/proc/stat`: (busy, total) ticks.
+fn machine_ticks(proc_stat: &str) -> Option<(u64, u64)> {
+    let line = proc_stat.lines().find(|l| l.starts_with("cpu "))?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = values.iter().take(8).sum();
+    // idle and iowait are the 4th and 5th values.
+    let idle = values.get(3)? + values.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line (fields 14 and 15; the command
+/// name in parentheses may contain spaces, so count from its closing paren).
+fn process_ticks(pid_stat: &str) -> Option<u64> {
+    let after_name = &pid_stat[pid_stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // after_name starts at field 3 (state): utime is field 14, stime 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+impl CpuTimes {
+    fn now() -> CpuTimes {
+        let (machine_busy, machine_total) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| machine_ticks(&s))
+            .unwrap_or_default();
+        let this_process = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| process_ticks(&s))
+            .unwrap_or_default();
+        CpuTimes {
+            machine_busy,
+            machine_total,
+            this_process,
+        }
+    }
+
+    /// "machine busy N% of its cores, this process M%" since `earlier`.
+    fn since(self, earlier: CpuTimes) -> String {
+        let total = self
+            .machine_total
+            .saturating_sub(earlier.machine_total)
+            .max(1) as f64;
+        let busy = self.machine_busy.saturating_sub(earlier.machine_busy) as f64;
+        let own = self.this_process.saturating_sub(earlier.this_process) as f64;
+        format!(
+            "CPU: machine {:.0}% busy, this process {:.0}% of all cores",
+            100.0 * busy / total,
+            100.0 * own / total
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL binary COPY payloads
+// ---------------------------------------------------------------------------
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
+const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// Encodes rows in PostgreSQL's binary `COPY` format.
+#[derive(Debug)]
+struct BinaryCopy {
+    buffer: Vec<u8>,
+}
+
+impl BinaryCopy {
+    fn new() -> BinaryCopy {
+        let mut buffer = Vec::with_capacity(1 << 20);
+        buffer.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        buffer.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
+        buffer.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+        BinaryCopy { buffer }
+    }
+
+    fn row(&mut self, fields: i16) -> &mut Self {
+        self.buffer.extend_from_slice(&fields.to_be_bytes());
+        self
+    }
+
+    fn field(&mut self, bytes: &[u8]) -> &mut Self {
+        // Fields here are ids and short names; a length beyond i32 cannot occur.
+        let length = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
+        self.buffer.extend_from_slice(&length.to_be_bytes());
+        self.buffer.extend_from_slice(bytes);
+        self
+    }
+
+    fn uuid(&mut self, id: Uuid) -> &mut Self {
+        self.field(id.as_bytes())
+    }
+
+    fn text(&mut self, value: &str) -> &mut Self {
+        self.field(value.as_bytes())
+    }
+
+    fn int4(&mut self, value: i32) -> &mut Self {
+        self.field(&value.to_be_bytes())
+    }
+
+    fn int8(&mut self, value: i64) -> &mut Self {
+        self.field(&value.to_be_bytes())
+    }
+
+    fn timestamptz_ms(&mut self, unix_ms: i64) -> &mut Self {
+        self.int8(unix_ms * 1000 - POSTGRES_EPOCH_US)
+    }
+
+    fn jsonb(&mut self, json: &str) -> &mut Self {
+        // jsonb's binary form is a version byte (1) and the JSON text.
+        let mut bytes = Vec::with_capacity(json.len() + 1);
+        bytes.push(1);
+        bytes.extend_from_slice(json.as_bytes());
+        self.field(&bytes)
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.buffer.extend_from_slice(&(-1i16).to_be_bytes());
+        self.buffer
+    }
+}
+
+/// `inference.inferences` rows for every inference in `events`.
+fn inference_rows(events: &[Envelope]) -> (Vec<u8>, u64) {
+    let mut copy = BinaryCopy::new();
+    let mut rows = 0;
+    for envelope in events {
+        let Some(Body::InferenceRecorded(i)) = &envelope.body else {
+            continue;
+        };
+        copy.row(14)
+            .uuid(envelope.event_uuid())
+            .text(&envelope.world_id)
+            .int8(to_i64(envelope.world_tick))
+            .timestamptz_ms(envelope.occurred_at_ms)
+            .text(&i.model_id)
+            .text(&i.model_version)
+            .text(inference_purpose(i.purpose))
+            .int4(to_i32(i.prompt_tokens))
+            .int4(to_i32(i.completion_tokens))
+            .int4(to_i32(i.latency_ms))
+            .int8(to_i64(i.cost_micro_usd))
+            .text(inference_outcome(i.outcome))
+            .text(&i.npc_id)
+            .text(&i.input_hash);
+        rows += 1;
+    }
+    (copy.finish(), rows)
+}
+
+/// `story.choices` rows for every story choice in `events` (log positions are
+/// stand-ins: the rows are copied before the events are appended).
+fn choice_rows(events: &[Envelope]) -> (Vec<u8>, u64) {
+    let mut copy = BinaryCopy::new();
+    let mut rows = 0u64;
+    for envelope in events {
+        let Some(Body::StoryChoiceMade(c)) = &envelope.body else {
+            continue;
+        };
+        let context = serde_json::json!(c.context).to_string();
+        copy.row(12)
+            .uuid(envelope.event_uuid())
+            .text(&envelope.world_id)
+            .int8(to_i64(envelope.world_tick))
+            .timestamptz_ms(envelope.occurred_at_ms)
+            .text(&c.player_id)
+            .text(&c.story_id)
+            .text(&c.node_id)
+            .text(&c.choice_id)
+            .text(&c.next_node_id)
+            .jsonb(&context)
+            .int4(0)
+            .int8(i64::try_from(rows).unwrap_or(i64::MAX));
+        rows += 1;
+    }
+    (copy.finish(), rows)
+}
+
+const INFERENCE_COLUMNS: &str = "event_id, world_id, tick, occurred_at, model_id, model_version, \
+     purpose, prompt_tokens, completion_tokens, latency_ms, cost_micro_usd, outcome, npc_id, input_hash";
+const CHOICE_COLUMNS: &str = "event_id, world_id, tick, occurred_at, player_id, story_id, node_id, \
+     choice_id, next_node_id, context, log_partition, log_offset";
+
+// ---------------------------------------------------------------------------
+// Event generation
+// ---------------------------------------------------------------------------
+
+/// Events of one family at a time over many worlds, shaped like the mixed
+/// workload's, each world's ticks moving forward as a live world's do.
+#[derive(Debug)]
+struct FamilyStream {
+    rng: StdRng,
+    worlds: Vec<WorldId>,
+    ticks: Vec<u64>,
+    conditions: Vec<i32>,
+}
+
+impl FamilyStream {
+    fn new(worlds: usize, seed: u64) -> anyhow::Result<FamilyStream> {
+        let worlds = (0..worlds)
+            .map(|i| WorldId::parse(&format!("w-{i:04}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(FamilyStream {
+            rng: StdRng::seed_from_u64(seed),
+            ticks: vec![0; worlds.len()],
+            conditions: vec![1; worlds.len()],
+            worlds,
+        })
+    }
+
+    fn events(&mut self, family: Family, n: usize) -> Vec<Envelope> {
+        (0..n).map(|_| self.next(family)).collect()
+    }
+
+    fn next(&mut self, family: Family) -> Envelope {
+        let index = self.rng.random_range(0..self.worlds.len());
+        let roll: u32 = self.rng.random_range(0..100);
+        // Weather changes every few ticks; everything else happens on a fresh tick.
+        let step = if family == Family::Weather {
+            self.rng.random_range(1..=30)
+        } else {
+            1
+        };
+        self.ticks[index] += step;
+        let tick = self.ticks[index];
+        let world = &self.worlds[index];
+        match family {
+            Family::Weather => {
+                let previous = self.conditions[index];
+                let condition = previous % 6 + 1;
+                self.conditions[index] = condition;
+                new_envelope(
+                    world,
+                    tick,
+                    "weather",
+                    Body::WeatherChanged(WeatherChanged {
+                        region: if roll.is_multiple_of(2) {
+                            "north"
+                        } else {
+                            "coast"
+                        }
+                        .to_owned(),
+                        condition,
+                        temperature_dc: 100 + i32::try_from(roll).unwrap_or(0),
+                        wind_dmps: 30,
+                        precipitation_dmmph: 0,
+                        previous_condition: previous.clamp(0, WeatherCondition::Snow as i32),
+                        ..Default::default()
+                    }),
+                )
+            }
+            Family::Story => {
+                let player = self.rng.random_range(0..20);
+                let node = self.rng.random_range(0..5);
+                new_envelope(
+                    world,
+                    tick,
+                    "game-server",
+                    Body::StoryChoiceMade(StoryChoiceMade {
+                        player_id: format!("player-{player}"),
+                        story_id: "caravan".to_owned(),
+                        node_id: format!("n{node}"),
+                        choice_id: format!("c{}", roll % 3),
+                        next_node_id: format!("n{}", node + 1),
+                        ..Default::default()
+                    }),
+                )
+            }
+            Family::Inference => new_envelope(
+                world,
+                tick,
+                "npc-runtime",
+                Body::InferenceRecorded(InferenceRecorded {
+                    model_id: "npc-chat".to_owned(),
+                    model_version: "1".to_owned(),
+                    purpose: InferencePurpose::NpcDialogue as i32,
+                    prompt_tokens: 200 + roll,
+                    completion_tokens: 50,
+                    latency_ms: 20 * roll,
+                    cost_micro_usd: 700,
+                    outcome: InferenceOutcome::Ok as i32,
+                    npc_id: "smith".to_owned(),
+                    input_hash: format!("{roll:x}"),
+                }),
+            ),
+            // Clock ticks; lifecycle events are not benchmarked on their own.
+            Family::Clock | Family::World => new_envelope(
+                world,
+                tick,
+                "clock",
+                Body::ClockTicked(ClockTicked {
+                    game_time_s: tick * 60,
+                    day: u32::try_from(tick / 1440).unwrap_or(0),
+                    season: Season::Spring as i32,
+                    time_scale: 60,
+                }),
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Appending
+// ---------------------------------------------------------------------------
+
+fn bench_appender(env: &TestEnv) -> anyhow::Result<Appender> {
+    Ok(Appender::new(
+        &env.settings.kafka,
+        AppenderOptions {
+            topic_prefix: env.settings.topics.prefix.clone(),
+            source: "bench".to_owned(),
+            ..AppenderOptions::default()
+        },
+    )?)
+}
+
+/// Appends `events` in chunks, each acknowledged before the next (so a world's
+/// events keep their order), and returns how long it took.
+async fn append_backlog(appender: &Appender, events: &[Envelope]) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    for chunk in events.chunks(APPEND_CHUNK) {
+        for result in appender.append_batch(chunk).await {
+            result.context("backlog append")?;
+        }
+    }
+    Ok(started.elapsed())
+}
+
+// ---------------------------------------------------------------------------
+// Running projectors and watching their stored offsets
+// ---------------------------------------------------------------------------
+
+/// One projector writing into one schema, and the log end it must reach.
+#[derive(Clone)]
+struct Target {
+    projector: Arc<dyn Projector>,
+    schema: SchemaName,
+    ends: Offsets,
+}
+
+impl Target {
+    fn records(&self) -> i64 {
+        self.ends.values().sum()
+    }
+}
+
+/// The registry's projector `name`.
+fn projector(name: &str) -> anyhow::Result<Arc<dyn Projector>> {
+    registry::by_name(name).with_context(|| format!("no projector named {name}"))
+}
+
+/// The end offset of every non-empty partition of `families`' topics.
+fn log_ends(env: &TestEnv, families: &[Family]) -> Offsets {
+    let mut ends = Offsets::new();
+    for family in families {
+        let topic = env.topic(*family);
+        for (partition, end) in env.high_watermarks(&topic) {
+            if end > 0 {
+                ends.insert((topic.clone(), partition), end);
+            }
+        }
+    }
+    ends
+}
+
+fn restrict(ends: &Offsets, families: &[Family], env: &TestEnv) -> Offsets {
+    let topics: Vec<String> = families.iter().map(|f| env.topic(*f)).collect();
+    ends.iter()
+        .filter(|((topic, _), _)| topics.contains(topic))
+        .map(|(key, end)| (key.clone(), *end))
+        .collect()
+}
+
+/// The stored next offsets of `schema`; empty until its tables exist.
+async fn stored_offsets(pool: &PgPool, schema: &SchemaName) -> Offsets {
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT topic, partition, next_offset FROM {}.projector_offsets",
+        schema.as_str()
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    rows.into_iter().map(|(t, p, o)| ((t, p), o)).collect()
+}
+
+/// How far a watch follows the projectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// Every stored offset at its end.
+    End,
+    /// Half of the records applied: enough to compare batch sizes.
+    Half,
+}
+
+/// A moment since the run started, and the records applied by then.
+type Mark = (Duration, i64);
+
+/// Records per second between two marks.
+fn rate_between((t0, a0): Mark, (t1, a1): Mark) -> f64 {
+    if t1 <= t0 || a1 <= a0 {
+        return 0.0;
+    }
+    per_second(u64::try_from(a1 - a0).unwrap_or(0), t1 - t0)
+}
+
+/// How one projector caught up, in time since its run started.
+#[derive(Debug, Clone, Copy)]
+struct CatchUp {
+    records: i64,
+    /// First moment some offset was stored.
+    first_commit: Option<Mark>,
+    /// First moment half of the records were applied.
+    halfway: Option<Mark>,
+    /// When the watch ended (`Until`), and the records applied by then.
+    done: Mark,
+}
+
+impl CatchUp {
+    /// Records per second once consuming: from the first stored offset to the
+    /// end of the watch, so group join and schema preparation do not count.
+    fn rate(&self) -> f64 {
+        match self.first_commit {
+            Some(first) if rate_between(first, self.done) > 0.0 => rate_between(first, self.done),
+            _ => self.wall_rate(),
+        }
+    }
+
+    /// The same over the first half of the records only.
+    fn first_half_rate(&self) -> f64 {
+        match (self.first_commit, self.halfway) {
+            (Some(first), Some(half)) if rate_between(first, half) > 0.0 => {
+                rate_between(first, half)
+            }
+            _ => self.rate(),
+        }
+    }
+
+    /// Records per second including startup.
+    fn wall_rate(&self) -> f64 {
+        rate_between((Duration::ZERO, 0), self.done)
+    }
+
+    fn startup(&self) -> Duration {
+        self.first_commit.map_or(self.done.0, |(at, _)| at)
+    }
+}
+
+/// Polls the targets' stored offsets every 20 ms until each reached its ends
+/// (or half of its records, `Until::Half`).
+async fn watch_catch_up(
+    pool: &PgPool,
+    targets: &[Target],
+    origin: Instant,
+    until: Until,
+    mut on_poll: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<CatchUp>> {
+    let mut first: Vec<Option<Mark>> = vec![None; targets.len()];
+    let mut halfway: Vec<Option<Mark>> = vec![None; targets.len()];
+    let mut done: Vec<Option<Mark>> = vec![None; targets.len()];
+    while done.iter().any(Option::is_none) {
+        if origin.elapsed() > CATCH_UP_LIMIT {
+            bail!(
+                "projectors did not catch up within {CATCH_UP_LIMIT:?}: {:?}",
+                targets
+                    .iter()
+                    .zip(&done)
+                    .filter(|(_, d)| d.is_none())
+                    .map(|(t, _)| t.schema.as_str())
+                    .collect::<Vec<_>>()
+            );
+        }
+        on_poll()?;
+        for (index, target) in targets.iter().enumerate() {
+            if done[index].is_some() {
+                continue;
+            }
+            let stored = stored_offsets(pool, &target.schema).await;
+            let at = origin.elapsed();
+            let (applied, caught_up) = progress(&stored, &target.ends);
+            if first[index].is_none() && !stored.is_empty() {
+                first[index] = Some((at, applied));
+            }
+            if halfway[index].is_none() && applied * 2 >= target.records() {
+                halfway[index] = Some((at, applied));
+            }
+            let finished = match until {
+                Until::End => caught_up,
+                Until::Half => halfway[index].is_some(),
+            };
+            if finished {
+                done[index] = Some((at, applied));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(targets
+        .iter()
+        .enumerate()
+        .map(|(index, target)| CatchUp {
+            records: target.records(),
+            first_commit: first[index],
+            halfway: halfway[index],
+            done: done[index].unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// Projectors running in this process.
+struct Running {
+    shutdown: CancellationToken,
+    tasks: JoinSet<Result<(), worldline_projectors::RuntimeError>>,
+}
+
+impl Running {
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        while let Some(joined) = self.tasks.join_next().await {
+            joined.context("projector task")??;
+        }
+        Ok(())
+    }
+}
+
+/// Starts one in-process runtime per target, as `worldline project` would.
+fn start_projectors(env: &TestEnv, targets: &[Target], batch_max_records: usize) -> Running {
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    for target in targets {
+        let projector = target.projector.clone();
+        let mut options = worldline_projectors::runtime_options_into(
+            &env.settings,
+            projector.as_ref(),
+            target.schema.clone(),
+        );
+        options.batch_max_records = batch_max_records;
+        let runtime = ProjectorRuntime::new(
+            projector,
+            env.pool.clone(),
+            env.settings.kafka.clone(),
+            options,
+            Health::default(),
+        );
+        tasks.spawn(runtime.run(shutdown.clone()));
+    }
+    Running { shutdown, tasks }
+}
+
+/// Targets for `names` into fresh schemas `<name>_<suffix>`.
+fn targets(
+    names: &[&str],
+    suffix: &str,
+    env: &TestEnv,
+    ends: &Offsets,
+) -> anyhow::Result<Vec<Target>> {
+    names
+        .iter()
+        .map(|name| {
+            let projector = projector(name)?;
+            let schema = SchemaName::parse(&format!("{name}_{suffix}"))?;
+            Ok(Target {
+                ends: restrict(ends, projector.families(), env),
+                projector,
+                schema,
+            })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Raw PostgreSQL limits
+// ---------------------------------------------------------------------------
+
+/// Raw PostgreSQL figures, rows per second.
+#[derive(Debug, Clone, Copy)]
+struct RawLimits {
+    copy_inferences: f64,
+    copy_inferences_heap: f64,
+    copy_choices: f64,
+    copy_choices_heap: f64,
+    upsert_clock: f64,
+}
+
+/// Creates `raw_<name>` from the projector's own migrations, and `raw_heap` for
+/// index-free copies of its tables.
+async fn raw_schema(pool: &PgPool, name: &str) -> anyhow::Result<SchemaName> {
+    let schema = SchemaName::parse(&format!("raw_{name}"))?;
+    worldline_projectors::store::prepare_schema(pool, &schema, projector(name)?.as_ref()).await?;
+    Ok(schema)
+}
+
+/// One binary `COPY … FROM STDIN` of `payload` into `table`; rows per second.
+async fn copy_rate(
+    pool: &PgPool,
+    table: &str,
+    columns: &str,
+    payload: &[u8],
+    rows: u64,
+) -> anyhow::Result<f64> {
+    let mut conn = pool.acquire().await?;
+    let started = Instant::now();
+    let mut copy = conn
+        .copy_in_raw(&format!(
+            "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    if let Err(error) = copy.send(payload).await {
+        copy.abort(error.to_string()).await?;
+        return Err(error.into());
+    }
+    let copied = copy.finish().await?;
+    let elapsed = started.elapsed();
+    if copied != rows {
+        bail!("COPY into {table} stored {copied} rows, expected {rows}");
+    }
+    Ok(per_second(rows, elapsed))
+}
+
+/// Binary COPY into a copy of the read-model table with its keys and indexes,
+/// and into an index-free heap of the same columns.
+async fn copy_both_ways(
+    pool: &PgPool,
+    schema: &SchemaName,
+    table: &str,
+    columns: &str,
+    (payload, rows): (&[u8], u64),
+) -> anyhow::Result<(f64, f64)> {
+    let indexed = format!("{}.{table}", schema.as_str());
+    let heap = format!("raw_heap.{}_{table}", schema.as_str());
+    sqlx::query("CREATE SCHEMA IF NOT EXISTS raw_heap")
+        .execute(pool)
+        .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE {heap} (LIKE {indexed})"
+    )))
+    .execute(pool)
+    .await?;
+    let with_indexes = copy_rate(pool, &indexed, columns, payload, rows).await?;
+    let without = copy_rate(pool, &heap, columns, payload, rows).await?;
+    Ok((with_indexes, without))
+}
+
+/// Column arrays of one upsert statement onto `world_clock`.
+struct ClockColumns {
+    world_id: Vec<String>,
+    tick: Vec<i64>,
+    event_id: Vec<Uuid>,
+    /// RFC 3339 text, cast in SQL: this crate does not depend on chrono.
+    occurred_at: Vec<String>,
+}
+
+/// `UNNEST … ON CONFLICT DO UPDATE` of full batches onto existing rows (every
+/// row moves forward one tick each round), one statement per transaction.
+async fn upsert_rate(pool: &PgPool, schema: &SchemaName) -> anyhow::Result<f64> {
+    let table = format!("{}.world_clock", schema.as_str());
+    let statement = format!(
+        "INSERT INTO {table} AS c
+             (world_id, tick, game_time_s, day, season, time_scale, event_id, occurred_at)
+         SELECT w, t, t * 60, (t / 1440)::int, 'spring', 60, e, o::timestamptz
+           FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[]) AS u(w, t, e, o)
+         ON CONFLICT (world_id) DO UPDATE SET
+             tick = EXCLUDED.tick,
+             game_time_s = EXCLUDED.game_time_s,
+             day = EXCLUDED.day,
+             season = EXCLUDED.season,
+             time_scale = EXCLUDED.time_scale,
+             event_id = EXCLUDED.event_id,
+             occurred_at = EXCLUDED.occurred_at
+         WHERE c.tick < EXCLUDED.tick"
+    );
+    let round = |tick: i64| ClockColumns {
+        world_id: (0..UPSERT_BATCH).map(|i| format!("raw-{i:05}")).collect(),
+        tick: vec![tick; UPSERT_BATCH],
+        event_id: (0..UPSERT_BATCH).map(|_| Uuid::now_v7()).collect(),
+        occurred_at: vec!["2026-01-01T00:00:00Z".to_owned(); UPSERT_BATCH],
+    };
+    let execute = |columns: ClockColumns| {
+        sqlx::query(AssertSqlSafe(statement.clone()))
+            .bind(columns.world_id)
+            .bind(columns.tick)
+            .bind(columns.event_id)
+            .bind(columns.occurred_at)
+            .execute(pool)
+    };
+    // The first round inserts; the measured ones update existing rows.
+    execute(round(0)).await?;
+    let rounds: Vec<ClockColumns> = (1..=UPSERT_ROUNDS)
+        .map(|tick| round(i64::try_from(tick).unwrap_or(i64::MAX)))
+        .collect();
+    let started = Instant::now();
+    let mut updated = 0;
+    for columns in rounds {
+        updated += execute(columns).await?.rows_affected();
+    }
+    let elapsed = started.elapsed();
+    let expected = u64::try_from(UPSERT_BATCH * UPSERT_ROUNDS).unwrap_or(u64::MAX);
+    if updated != expected {
+        bail!("raw upsert changed {updated} rows, expected {expected}");
+    }
+    Ok(per_second(updated, elapsed))
+}
+
+async fn measure_raw_limits(
+    pool: &PgPool,
+    inferences: (&[u8], u64),
+    choices: (&[u8], u64),
+) -> anyhow::Result<RawLimits> {
+    let inference_schema = raw_schema(pool, "inference").await?;
+    let story_schema = raw_schema(pool, "story").await?;
+    let clock_schema = raw_schema(pool, "clock").await?;
+    let (copy_inferences, copy_inferences_heap) = copy_both_ways(
+        pool,
+        &inference_schema,
+        "inferences",
+        INFERENCE_COLUMNS,
+        inferences,
+    )
+    .await?;
+    let (copy_choices, copy_choices_heap) =
+        copy_both_ways(pool, &story_schema, "choices", CHOICE_COLUMNS, choices).await?;
+    let upsert_clock = upsert_rate(pool, &clock_schema).await?;
+    Ok(RawLimits {
+        copy_inferences,
+        copy_inferences_heap,
+        copy_choices,
+        copy_choices_heap,
+        upsert_clock,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// 3. Freshness
+// ---------------------------------------------------------------------------
+
+/// Where one event landed and when its append started and was acknowledged.
+#[derive(Debug, Clone)]
+struct Sent {
+    family: Family,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    sent: Duration,
+    acked: Duration,
+}
+
+/// Stored next offsets seen over time, per `(schema, topic, partition)`, only
+/// when they changed.
+type OffsetHistory = HashMap<(String, String, i32), Vec<(Duration, i64)>>;
+
+/// Reads every schema's `projector_offsets` in one statement, as fast as the
+/// database answers, until `stop`.
+async fn poll_offsets(
+    url: String,
+    schemas: Vec<SchemaName>,
+    origin: Instant,
+    stop: CancellationToken,
+) -> anyhow::Result<OffsetHistory> {
+    let mut conn = PgConnection::connect(&url).await?;
+    let statement = schemas
+        .iter()
+        .map(|s| {
+            format!(
+                "SELECT '{0}'::text, topic, partition, next_offset FROM {0}.projector_offsets",
+                s.as_str()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let mut history = OffsetHistory::new();
+    while !stop.is_cancelled() {
+        let rows: Vec<(String, String, i32, i64)> =
+            sqlx::query_as(AssertSqlSafe(statement.clone()))
+                .fetch_all(&mut conn)
+                .await?;
+        // The snapshot was taken before the answer arrived: stamping it with the
+        // arrival time can only overstate staleness.
+        let at = origin.elapsed();
+        for (schema, topic, partition, next) in rows {
+            let seen = history.entry((schema, topic, partition)).or_default();
+            if seen.last().is_none_or(|(_, last)| *last != next) {
+                seen.push((at, next));
+            }
+        }
+        tokio::time::sleep(FRESHNESS_POLL).await;
+    }
+    conn.close().await?;
+    Ok(history)
+}
+
+/// Appends `workload` events at a steady `rate` for `length`, a small batch
+/// every few milliseconds, without waiting for one batch before sending the next.
+async fn paced_appends(
+    appender: &Appender,
+    workload: &mut Workload,
+    rate: f64,
+    length: Duration,
+    origin: Instant,
+    prefix: &str,
+) -> anyhow::Result<Vec<Sent>> {
+    let mut in_flight: JoinSet<anyhow::Result<Vec<Sent>>> = JoinSet::new();
+    let mut ticker = tokio::time::interval(PACE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < length {
+        ticker.tick().await;
+        let due = events_due(rate, started.elapsed().min(length), sent);
+        if due == 0 {
+            continue;
+        }
+        sent += due;
+        let batch = workload.next_batch(usize::try_from(due)?);
+        let appender = appender.clone();
+        let prefix = prefix.to_owned();
+        in_flight.spawn(async move {
+            let at = origin.elapsed();
+            let results = appender.append_batch(&batch).await;
+            let acked = origin.elapsed();
+            results
+                .into_iter()
+                .map(|result| {
+                    let appended = result.context("paced append")?;
+                    let family = Family::from_topic(&appended.topic, &prefix)
+                        .with_context(|| format!("unknown topic {}", appended.topic))?;
+                    Ok(Sent {
+                        family,
+                        topic: appended.topic,
+                        partition: appended.partition,
+                        offset: appended.offset,
+                        sent: at,
+                        acked,
+                    })
+                })
+                .collect()
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(joined) = in_flight.join_next().await {
+        all.extend(joined??);
+    }
+    Ok(all)
+}
+
+/// Freshness percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Latencies {
+    count: usize,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Latencies {
+    fn of(mut values: Vec<f64>) -> Latencies {
+        values.sort_by(f64::total_cmp);
+        Latencies {
+            count: values.len(),
+            p50: percentile(&values, 0.50),
+            p90: percentile(&values, 0.90),
+            p99: percentile(&values, 0.99),
+            max: values.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// What the freshness run found.
+#[derive(Debug, Clone, Copy, Default)]
+struct Freshness {
+    rate: f64,
+    appended: usize,
+    never_visible: usize,
+    /// Append started → visible in the family's own read model.
+    family: Latencies,
+    /// Append started → visible in the worlds read model.
+    worlds: Latencies,
+    /// Append started → visible in both (the judged figure).
+    both: Latencies,
+    /// Acknowledged → visible in both.
+    both_from_ack: Latencies,
+}
+
+/// Matches each sent event with the first observation of its offset having
+/// been passed, in its family's schema and in the worlds schema.
+fn freshness_of(
+    sent: &[Sent],
+    history: &OffsetHistory,
+    schema_of: &HashMap<Family, String>,
+    worlds_schema: &str,
+) -> (Vec<[f64; 4]>, usize) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let seen = |schema: &str, event: &Sent| {
+        history
+            .get(&(schema.to_owned(), event.topic.clone(), event.partition))
+            .and_then(|observed| visible_at(observed, event.offset))
+    };
+    let mut latencies = Vec::with_capacity(sent.len());
+    let mut missing = 0;
+    for event in sent {
+        let family_schema = schema_of.get(&event.family).map(String::as_str);
+        let in_family = match family_schema {
+            Some(schema) => seen(schema, event),
+            None => seen(worlds_schema, event),
+        };
+        let in_worlds = seen(worlds_schema, event);
+        let (Some(in_family), Some(in_worlds)) = (in_family, in_worlds) else {
+            missing += 1;
+            continue;
+        };
+        let both = in_family.max(in_worlds);
+        latencies.push([
+            ms(in_family.saturating_sub(event.sent)),
+            ms(in_worlds.saturating_sub(event.sent)),
+            ms(both.saturating_sub(event.sent)),
+            ms(both.saturating_sub(event.acked)),
+        ]);
+    }
+    (latencies, missing)
+}
+
+async fn measure_freshness(
+    env: &TestEnv,
+    workload: &mut Workload,
+    live: &[Target],
+    rate: f64,
+    length: Duration,
+) -> anyhow::Result<Freshness> {
+    let appender = bench_appender(env)?;
+    let origin = Instant::now();
+    let stop = CancellationToken::new();
+    let schemas: Vec<SchemaName> = live.iter().map(|t| t.schema.clone()).collect();
+    let poller = tokio::spawn(poll_offsets(
+        env.settings.database.url.clone(),
+        schemas,
+        origin,
+        stop.clone(),
+    ));
+    let sent = paced_appends(
+        &appender,
+        workload,
+        rate,
+        length,
+        origin,
+        &env.settings.topics.prefix,
+    )
+    .await?;
+    // Let the projectors drain, then stop watching.
+    let ends = log_ends(env, &Family::ALL);
+    let drained: Vec<Target> = live
+        .iter()
+        .map(|t| Target {
+            ends: restrict(&ends, t.projector.families(), env),
+            ..t.clone()
+        })
+        .collect();
+    watch_catch_up(&env.pool, &drained, Instant::now(), Until::End, || Ok(())).await?;
+    stop.cancel();
+    let history = poller.await??;
+
+    let mut schema_of = HashMap::new();
+    let mut worlds_schema = String::new();
+    for target in live {
+        let families = target.projector.families();
+        if families.len() == 1 {
+            schema_of.insert(families[0], target.schema.as_str().to_owned());
+        } else {
+            worlds_schema = target.schema.as_str().to_owned();
+        }
+    }
+    let (latencies, never_visible) = freshness_of(&sent, &history, &schema_of, &worlds_schema);
+    let column = |i: usize| Latencies::of(latencies.iter().map(|l| l[i]).collect());
+    Ok(Freshness {
+        rate,
+        appended: sent.len(),
+        never_visible,
+        family: column(0),
+        worlds: column(1),
+        both: column(2),
+        both_from_ack: column(3),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// 4. Resident memory of the real binary
+// ---------------------------------------------------------------------------
+
+/// Memory of the `worldline project` child while it projected the backlog.
+#[derive(Debug, Clone, Copy)]
+struct Memory {
+    peak_rss_kib: u64,
+    hwm_kib: u64,
+    samples: usize,
+    /// Records applied across the five schemas, and the time from process start
+    /// until every schema reached its ends.
+    records: i64,
+    took: Duration,
+}
+
+fn read_status(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
+}
+
+/// SIGTERM, then wait for a clean exit (SIGKILL after 30 s).
+fn stop_child(child: &mut Child) -> anyhow::Result<()> {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .context("kill -TERM")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill()?;
+    child.wait()?;
+    bail!("worldline project ignored SIGTERM for 30 s")
+}
+
+async fn measure_child_memory(
+    env: &TestEnv,
+    binary: &Path,
+    extra_env: &[(String, String)],
+    targets: &[Target],
+) -> anyhow::Result<(Memory, PathBuf)> {
+    let log = std::env::temp_dir().join(format!(
+        "{}bench-project-{}.log",
+        env.settings.topics.prefix,
+        std::process::id()
+    ));
+    let stderr = std::fs::File::create(&log)?;
+    let origin = Instant::now();
+    let mut command = Command::new(binary);
+    command.arg("project");
+    for target in targets {
+        command.arg("--projector").arg(target.projector.name());
+    }
+    let mut child = command
+        .envs(env.child_env())
+        .envs(extra_env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let pid = child.id();
+    let mut peak_rss_kib = 0;
+    let mut samples = 0;
+    let watched = watch_catch_up(&env.pool, targets, origin, Until::End, || {
+        if let Some(status) = child.try_wait()? {
+            bail!("worldline project exited on its own ({status})");
+        }
+        if let Some(rss) = read_status(pid).and_then(|s| status_kib(&s, "VmRSS")) {
+            peak_rss_kib = peak_rss_kib.max(rss);
+            samples += 1;
+        }
+        Ok(())
+    })
+    .await;
+    let hwm_kib = read_status(pid)
+        .and_then(|s| status_kib(&s, "VmHWM"))
+        .unwrap_or(0);
+    if child.try_wait()?.is_none() {
+        stop_child(&mut child)?;
+    }
+    let catch_up = watched.with_context(|| format!("child log: {}", log.display()))?;
+    Ok((
+        Memory {
+            peak_rss_kib,
+            hwm_kib,
+            samples,
+            records: catch_up.iter().map(|c| c.records).sum(),
+            took: catch_up.iter().map(|c| c.done.0).max().unwrap_or_default(),
+        },
+        log,
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------
+
+/// `/proc/loadavg`'s 1, 5 and 15 minute averages: other work on a shared
+/// machine skews every figure, so the output says how busy it was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn print_catch_up(label: &str, batch: usize, catch_up: &CatchUp, until: Until) {
+    let whole = match until {
+        Until::End => format!("{:>9.0} ev/s", catch_up.rate()),
+        Until::Half => format!("{:>9} ev/s", "-"),
+    };
+    println!(
+        "  {label:<28} batch {batch:>5} {records:>8} records {whole} first half {half:>9.0} ev/s \
+         (wall {wall:>6.2} s incl. {startup:.2} s startup)",
+        records = catch_up.records,
+        half = catch_up.first_half_rate(),
+        wall = catch_up.done.0.as_secs_f64(),
+        startup = catch_up.startup().as_secs_f64(),
+    );
+}
+
+/// Projection settings as configured for production: `TestEnv` shortens the
+/// batch wait for test speed; the benchmark measures the configured values.
+fn use_configured_projector_settings(env: &mut TestEnv) -> anyhow::Result<()> {
+    let configured = Settings::load(None)?.projector;
+    env.settings.projector.batch_max_records = configured.batch_max_records;
+    env.settings.projector.batch_max_wait_ms = configured.batch_max_wait_ms;
+    env.settings.projector.session_timeout_ms = configured.session_timeout_ms;
+    Ok(())
+}
+
+/// The two slices of the stack: single-family topics, and the mixed workload.
+struct Stacks {
+    per_family: TestEnv,
+    mixed: TestEnv,
+}
+
+/// What the append phase produced.
+struct Backlogs {
+    /// Appender events/s per single-family backlog.
+    append_rates: HashMap<Family, f64>,
+    /// Appender events/s on the mixed backlog.
+    mixed_append_rate: f64,
+    family_ends: Offsets,
+    mixed_ends: Offsets,
+    /// The mixed workload, to continue during the freshness run.
+    workload: Workload,
+}
+
+fn print_header(config: &BenchConfig, env: &TestEnv) {
+    println!("worldline projection benchmark");
+    println!(
+        "  {} cores; {PARTITIONS} partitions per topic; {} events per family and in the mixed \
+         backlog; {} worlds",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        config.events,
+        config.worlds
+    );
+    println!(
+        "  batch_max_records tried: {:?} (the first is judged); batch_max_wait_ms {}; \
+         librdkafka consumer settings as in projectors/src/runtime.rs",
+        config.batch_sizes, env.settings.projector.batch_max_wait_ms
+    );
+    println!(
+        "  Kafka {}, PostgreSQL {}",
+        env.settings.kafka.bootstrap_servers, env.settings.database.url
+    );
+    println!(
+        "  load average before the run: {} (the stack, this process and anything else share \
+         the cores)",
+        load_average()
+    );
+}
+
+/// Raw limits, measured before anything else touches the database, on the
+/// very rows the read models will get.
+async fn raw_phase(
+    env: &TestEnv,
+    events: usize,
+    family_events: &[(Family, Vec<Envelope>)],
+) -> anyhow::Result<RawLimits> {
+    let events_of = |family: Family| {
+        family_events
+            .iter()
+            .find(|(f, _)| *f == family)
+            .map(|(_, events)| events.as_slice())
+            .unwrap_or_default()
+    };
+    let inferences = inference_rows(events_of(Family::Inference));
+    let choices = choice_rows(events_of(Family::Story));
+    println!(
+        "\n1. Raw PostgreSQL limits (same server; tables built by the read models' own migrations)"
+    );
+    let raw = measure_raw_limits(
+        &env.pool,
+        (&inferences.0, inferences.1),
+        (&choices.0, choices.1),
+    )
+    .await?;
+    println!(
+        "  binary COPY of {events} inference log rows (one COPY): {:>9.0} rows/s with its key and \
+         index; {:>9.0} rows/s into an index-free heap",
+        raw.copy_inferences, raw.copy_inferences_heap
+    );
+    println!(
+        "  binary COPY of {events} story choice rows (one COPY):  {:>9.0} rows/s with its key and \
+         indexes; {:>9.0} rows/s into an index-free heap",
+        raw.copy_choices, raw.copy_choices_heap
+    );
+    println!(
+        "  UNNEST upsert onto existing world_clock rows ({UPSERT_ROUNDS} statements x \
+         {UPSERT_BATCH} rows, autocommit): {:>9.0} rows/s",
+        raw.upsert_clock
+    );
+    Ok(raw)
+}
+
+async fn append_phase(
+    stacks: &Stacks,
+    config: &BenchConfig,
+    family_events: Vec<(Family, Vec<Envelope>)>,
+) -> anyhow::Result<Backlogs> {
+    println!(
+        "\n2. Appending (Appender::append_batch in chunks of {APPEND_CHUNK}, each chunk \
+         acknowledged before the next)"
+    );
+    let appender = bench_appender(&stacks.per_family)?;
+    let mut append_rates = HashMap::new();
+    for (family, events) in &family_events {
+        let took = append_backlog(&appender, events).await?;
+        let rate = per_second(u64::try_from(events.len())?, took);
+        append_rates.insert(*family, rate);
+        println!(
+            "  {:<10} {:>8} events in {:>6.2} s: {rate:>9.0} events/s",
+            family.as_str(),
+            events.len(),
+            took.as_secs_f64()
+        );
+    }
+    drop(family_events);
+    let mut workload = Workload::new(config.worlds, 11);
+    let mut backlog = workload.creations();
+    backlog.extend(workload.next_batch(config.events));
+    let took = append_backlog(&bench_appender(&stacks.mixed)?, &backlog).await?;
+    let mixed_append_rate = per_second(u64::try_from(backlog.len())?, took);
+    println!(
+        "  mixed      {:>8} events in {:>6.2} s: {mixed_append_rate:>9.0} events/s (world \
+         creations, then ~50% clock, 15% weather, 20% story, 15% inference, 2% redeliveries)",
+        backlog.len(),
+        took.as_secs_f64()
+    );
+    Ok(Backlogs {
+        append_rates,
+        mixed_append_rate,
+        family_ends: log_ends(&stacks.per_family, &Family::ALL),
+        mixed_ends: log_ends(&stacks.mixed, &Family::ALL),
+        workload,
+    })
+}
+
+/// Issue 4's five read models. Named, not `registry::all()`: a projector added
+/// later would change what "all five" measures.
+const ISSUE_FOUR: [&str; 5] = ["worlds", "clock", "weather", "story", "inference"];
+
+fn projector_names() -> Vec<&'static str> {
+    ISSUE_FOUR.to_vec()
+}
+
+async fn memory_phase(
+    env: &TestEnv,
+    config: &BenchConfig,
+    mixed_ends: &Offsets,
+) -> anyhow::Result<Memory> {
+    println!(
+        "\n3. Resident memory: {} project (all five projectors, their own schemas) on the mixed \
+         backlog",
+        config.binary.display()
+    );
+    let targets = projector_names()
+        .into_iter()
+        .map(|name| {
+            let projector = projector(name)?;
+            Ok(Target {
+                ends: restrict(mixed_ends, projector.families(), env),
+                schema: SchemaName::parse(name)?,
+                projector,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if !config.child_env.is_empty() {
+        println!(
+            "  extra environment (BENCH_CHILD_ENV): {:?}",
+            config.child_env
+        );
+    }
+    let (memory, log) =
+        measure_child_memory(env, &config.binary, &config.child_env, &targets).await?;
+    println!(
+        "  peak VmRSS {:.1} MiB over {} samples (every ~20 ms); VmHWM {:.1} MiB; log {}",
+        mib(memory.peak_rss_kib),
+        memory.samples,
+        mib(memory.hwm_kib),
+        log.display()
+    );
+    println!(
+        "  meanwhile it applied {} records (each log event once in its family's read model and \
+         once in worlds) in {:.2} s from process start: {:.0} records/s",
+        memory.records,
+        memory.took.as_secs_f64(),
+        per_second(u64::try_from(memory.records)?, memory.took)
+    );
+    Ok(memory)
+}
+
+/// Each projector alone from offset zero, for every batch size; returns the
+/// judged batch size's events/s per projector.
+async fn per_projector_phase(
+    stacks: &Stacks,
+    config: &BenchConfig,
+    backlogs: &Backlogs,
+) -> anyhow::Result<HashMap<&'static str, f64>> {
+    println!("\n4. Projection throughput from offset zero, one projector at a time, in-process");
+    println!(
+        "  (ev/s from its first commit on, so group join and migrations do not count; the judged \
+         batch size runs the whole backlog, the others only its first half, compared with the \
+         judged run's first half)"
+    );
+    let mut judged = HashMap::new();
+    for (round, batch) in config.batch_sizes.iter().enumerate() {
+        let until = if round == 0 { Until::End } else { Until::Half };
+        for (name, family) in SINGLE_FAMILY {
+            let ends = restrict(&backlogs.family_ends, &[family], &stacks.per_family);
+            let label = format!("{name} ({} topic)", family.as_str());
+            let rate = run_alone(&stacks.per_family, name, &label, *batch, &ends, until).await?;
+            if round == 0 {
+                judged.insert(name, rate);
+            }
+        }
+        let label = "worlds (mixed, every topic)";
+        let rate = run_alone(
+            &stacks.mixed,
+            "worlds",
+            label,
+            *batch,
+            &backlogs.mixed_ends,
+            until,
+        )
+        .await?;
+        if round == 0 {
+            judged.insert("worlds", rate);
+        }
+    }
+    Ok(judged)
+}
+
+async fn run_alone(
+    env: &TestEnv,
+    name: &str,
+    label: &str,
+    batch: usize,
+    ends: &Offsets,
+    until: Until,
+) -> anyhow::Result<f64> {
+    let target = targets(&[name], &format!("b{batch}"), env, ends)?;
+    let origin = Instant::now();
+    let running = start_projectors(env, &target, batch);
+    let catch_up = watch_catch_up(&env.pool, &target, origin, until, || Ok(())).await?;
+    running.stop().await?;
+    print_catch_up(label, batch, &catch_up[0], until);
+    Ok(catch_up[0].rate())
+}
+
+/// Prints what the runtime's metrics recorded between two renderings.
+fn print_batch_stats(before: &str, after: &str, wall: Duration) {
+    for (name, d) in batch_stats_between(before, after) {
+        println!(
+            "    {name:<10} {:>6.0} batches, {:>6.0} events/batch, {:>6.1} ms/batch, in a batch \
+             {:>3.0}% of the time",
+            d.batches,
+            d.events / d.batches,
+            1000.0 * d.seconds / d.batches,
+            100.0 * d.seconds / wall.as_secs_f64().max(f64::EPSILON),
+        );
+    }
+}
+
+/// All five together on the mixed backlog; returns them still running (live
+/// for the freshness run) and the mixed maximum in log events per second.
+async fn mixed_phase(
+    env: &TestEnv,
+    batch: usize,
+    mixed_ends: &Offsets,
+) -> anyhow::Result<(Vec<Target>, Running, f64)> {
+    println!("\n5. All five projectors together on the mixed backlog, in-process");
+    let live = targets(&projector_names(), "mix", env, mixed_ends)?;
+    let metrics = worldline_ops::health::metrics_handle();
+    let before = metrics.render();
+    let origin = Instant::now();
+    let running = start_projectors(env, &live, batch);
+    let catch_up = watch_catch_up(&env.pool, &live, origin, Until::End, || Ok(())).await?;
+    let wall = origin.elapsed();
+    let after = metrics.render();
+    for (target, c) in live.iter().zip(&catch_up) {
+        print_catch_up(target.schema.as_str(), batch, c, Until::End);
+    }
+    let first = catch_up
+        .iter()
+        .filter_map(|c| c.first_commit.map(|(at, _)| at))
+        .min()
+        .unwrap_or_default();
+    let last = catch_up.iter().map(|c| c.done.0).max().unwrap_or_default();
+    let span = last.saturating_sub(first);
+    let log_events: i64 = mixed_ends.values().sum();
+    let applied: i64 = catch_up.iter().map(|c| c.records).sum();
+    let rate = per_second(u64::try_from(log_events)?, span);
+    println!(
+        "  mixed maximum: {log_events} log events through all five in {:.2} s from the first \
+         commit to the last: {rate:.0} events/s ({:.0} records applied/s across the projectors)",
+        span.as_secs_f64(),
+        per_second(u64::try_from(applied)?, span),
+    );
+    println!(
+        "  the runtime's metrics over the {:.2} s run:",
+        wall.as_secs_f64()
+    );
+    print_batch_stats(&before, &after, wall);
+    Ok((live, running, rate))
+}
+
+/// How freshness is measured, printed with the figures.
+fn freshness_method() -> String {
+    format!(
+        "  method: a pacer appends the mixed workload in small batches every {} ms \
+         (Appender::append_batch, not awaited before the next batch) and records per event when \
+         its append started and when it was acknowledged, and its (topic, partition, offset). A \
+         dedicated connection reads every projector schema's projector_offsets in one statement, \
+         pausing {} ms between reads, and keeps each change with the time its answer arrived. \
+         Offsets commit in the same transaction as the read-model rows, so an event is visible \
+         once its family's schema and the worlds schema store a next_offset past it. Freshness = \
+         that first observation minus the start of its append: an upper bound that includes the \
+         producer's linger.ms=5 and up to one poll interval.",
+        PACE_EVERY.as_millis(),
+        FRESHNESS_POLL.as_millis()
+    )
+}
+
+/// Freshness with the five projectors live, appending at `rate` for `length`.
+async fn freshness_phase(
+    env: &TestEnv,
+    backlogs: &mut Backlogs,
+    live: &[Target],
+    (rate, what): (f64, &str),
+    length: Duration,
+) -> anyhow::Result<Freshness> {
+    println!(
+        "\n6. Freshness at {what} ({rate:.0} events/s) for {} s, all five projectors live",
+        length.as_secs()
+    );
+    let metrics = worldline_ops::health::metrics_handle();
+    let before = metrics.render();
+    let started = Instant::now();
+    let freshness = measure_freshness(env, &mut backlogs.workload, live, rate, length).await?;
+    let wall = started.elapsed();
+    let after = metrics.render();
+    let show = |label: &str, l: &Latencies| {
+        println!(
+            "  {label:<40} n={:>7} p50 {:>6.1} ms p90 {:>6.1} ms p99 {:>6.1} ms max {:>7.1} ms",
+            l.count, l.p50, l.p90, l.p99, l.max
+        );
+    };
+    println!(
+        "  appended {} events at {:.0} events/s; {} never seen applied",
+        freshness.appended, freshness.rate, freshness.never_visible
+    );
+    show("append start -> its family's read model", &freshness.family);
+    show("append start -> worlds read model", &freshness.worlds);
+    show("append start -> both (judged)", &freshness.both);
+    show("acknowledged -> both", &freshness.both_from_ack);
+    println!(
+        "  the runtime's metrics over the {:.2} s of appending and draining:",
+        wall.as_secs_f64()
+    );
+    print_batch_stats(&before, &after, wall);
+    Ok(freshness)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let mut stacks = Stacks {
+        per_family: TestEnv::new(PARTITIONS).await,
+        mixed: TestEnv::new(PARTITIONS).await,
+    };
+    let outcome = run(&mut stacks).await;
+    // BENCH_KEEP=1 leaves databases and topics for inspection (EXPLAIN, psql).
+    if std::env::var("BENCH_KEEP").is_ok_and(|v| v == "1") {
+        for env in [&stacks.per_family, &stacks.mixed] {
+            println!(
+                "  kept: database {} and topics {}*",
+                env.settings.database.url, env.settings.topics.prefix
+            );
+        }
+        return outcome;
+    }
+    // Backlogs are regenerated on every run; nothing in them is worth keeping
+    // after a failure, and a million events per run would pile up.
+    stacks.per_family.cleanup().await;
+    stacks.mixed.cleanup().await;
+    outcome
+}
+
+async fn run(stacks: &mut Stacks) -> anyhow::Result<()> {
+    let run_started = Instant::now();
+    use_configured_projector_settings(&mut stacks.per_family)?;
+    use_configured_projector_settings(&mut stacks.mixed)?;
+    let config = BenchConfig::from_env(stacks.per_family.settings.projector.batch_max_records)?;
+    let judged_batch = config.batch_sizes[0];
+    stacks.per_family.settings.projector.batch_max_records = judged_batch;
+    stacks.mixed.settings.projector.batch_max_records = judged_batch;
+    print_header(&config, &stacks.per_family);
+
+    let mut stream = FamilyStream::new(config.worlds, 7)?;
+    let family_events: Vec<(Family, Vec<Envelope>)> = SINGLE_FAMILY
+        .iter()
+        .map(|(_, family)| (*family, stream.events(*family, config.events)))
+        .collect();
+    // Installs the metrics recorder the in-process runtimes report to.
+    worldline_ops::health::metrics_handle();
+    let mut cpu = CpuTimes::now();
+    let mut phase_done = || {
+        let now = CpuTimes::now();
+        println!("  {}", now.since(cpu));
+        cpu = now;
+    };
+    if config.memory_only {
+        let backlogs = append_phase(stacks, &config, family_events).await?;
+        memory_phase(&stacks.mixed, &config, &backlogs.mixed_ends).await?;
+        return Ok(());
+    }
+    let raw = raw_phase(&stacks.per_family, config.events, &family_events).await?;
+    phase_done();
+    let mut backlogs = append_phase(stacks, &config, family_events).await?;
+    phase_done();
+    let memory = memory_phase(&stacks.mixed, &config, &backlogs.mixed_ends).await?;
+    phase_done();
+    let judged = per_projector_phase(stacks, &config, &backlogs).await?;
+    phase_done();
+    let (live, running, mixed_rate) =
+        mixed_phase(&stacks.mixed, judged_batch, &backlogs.mixed_ends).await?;
+    phase_done();
+    println!("{}", freshness_method());
+    // First a light load, to show the latency floor apart from saturation;
+    // then the judged half load.
+    let light = freshness_phase(
+        &stacks.mixed,
+        &mut backlogs,
+        &live,
+        (
+            mixed_rate / 10.0,
+            "a tenth of the mixed maximum (for reference)",
+        ),
+        config.freshness / 2,
+    )
+    .await;
+    phase_done();
+    // Stop the projectors whatever happened, then report the first failure.
+    let freshness = match &light {
+        Ok(_) => {
+            freshness_phase(
+                &stacks.mixed,
+                &mut backlogs,
+                &live,
+                (mixed_rate / 2.0, "half the mixed maximum"),
+                config.freshness,
+            )
+            .await
+        }
+        Err(_) => Err(anyhow::anyhow!("skipped after the light-load run failed")),
+    };
+    phase_done();
+    running.stop().await?;
+    let light = light?;
+    let freshness = freshness?;
+
+    let figures = Figures {
+        raw,
+        judged,
+        append_rates: backlogs.append_rates,
+        mixed_append_rate: backlogs.mixed_append_rate,
+        mixed_rate,
+        freshness,
+        light,
+        memory,
+    };
+    print_summary(&figures, judged_batch);
+    println!(
+        "\n  run took {:.0} s; load average at the end: {}",
+        run_started.elapsed().as_secs_f64(),
+        load_average()
+    );
+    Ok(())
+}
+
+/// Every judged figure of the run.
+struct Figures {
+    raw: RawLimits,
+    /// Events/s per projector alone, at the judged batch size.
+    judged: HashMap<&'static str, f64>,
+    append_rates: HashMap<Family, f64>,
+    mixed_append_rate: f64,
+    mixed_rate: f64,
+    freshness: Freshness,
+    /// Freshness at a tenth of the mixed maximum, for reference.
+    light: Freshness,
+    memory: Memory,
+}
+
+/// One line of the final table.
+struct Row {
+    figure: String,
+    value: String,
+    goal: String,
+    verdict: &'static str,
+}
+
+/// A ratio against a goal; `judged = false` prints it for information only.
+fn ratio_row(
+    figure: &str,
+    (numerator, denominator): (f64, f64),
+    what: &str,
+    bound: f64,
+    judged: bool,
+) -> Row {
+    let ratio = if denominator > 0.0 {
+        numerator / denominator
+    } else {
+        0.0
+    };
+    Row {
+        figure: figure.to_owned(),
+        value: format!("{numerator:.0} / {denominator:.0} = {ratio:.2}x"),
+        goal: format!(">= {bound:.1}x {what}"),
+        verdict: if judged {
+            verdict(Goal::AtLeast(bound), ratio)
+        } else {
+            "(info)"
+        },
+    }
+}
+
+fn summary_rows(f: &Figures) -> Vec<Row> {
+    let rate = |name: &str| f.judged.get(name).copied().unwrap_or(0.0);
+    let appended = |family: Family| f.append_rates.get(&family).copied().unwrap_or(0.0);
+    let raw = &f.raw;
+    let both = &f.freshness.both;
+    let peak_mib = mib(f.memory.hwm_kib.max(f.memory.peak_rss_kib));
+    vec![
+        ratio_row(
+            "story choices (append-only) vs binary COPY",
+            (rate("story"), raw.copy_choices),
+            "COPY rows/s",
+            0.3,
+            true,
+        ),
+        ratio_row(
+            "  same, vs COPY into an index-free heap",
+            (rate("story"), raw.copy_choices_heap),
+            "heap COPY rows/s",
+            0.3,
+            false,
+        ),
+        ratio_row(
+            "inference log (append-only) vs binary COPY",
+            (rate("inference"), raw.copy_inferences),
+            "COPY rows/s",
+            0.3,
+            true,
+        ),
+        ratio_row(
+            "  same, vs COPY into an index-free heap",
+            (rate("inference"), raw.copy_inferences_heap),
+            "heap COPY rows/s",
+            0.3,
+            false,
+        ),
+        ratio_row(
+            "clock (latest-state) vs appending clock ticks",
+            (rate("clock"), appended(Family::Clock)),
+            "appender ev/s",
+            0.5,
+            true,
+        ),
+        ratio_row(
+            "weather current (latest-state) vs appending",
+            (rate("weather"), appended(Family::Weather)),
+            "appender ev/s",
+            0.5,
+            true,
+        ),
+        ratio_row(
+            "  worlds (every topic) vs appending mixed",
+            (rate("worlds"), f.mixed_append_rate),
+            "appender ev/s",
+            0.5,
+            false,
+        ),
+        ratio_row(
+            "  all five together vs appending mixed",
+            (f.mixed_rate, f.mixed_append_rate),
+            "appender ev/s",
+            0.5,
+            false,
+        ),
+        ratio_row(
+            "  clock vs raw UNNEST upsert rows/s",
+            (rate("clock"), raw.upsert_clock),
+            "upsert rows/s",
+            0.5,
+            false,
+        ),
+        Row {
+            figure: format!(
+                "freshness at {:.0} ev/s (append -> both models)",
+                f.freshness.rate
+            ),
+            value: format!(
+                "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                both.p50, both.p99, both.max
+            ),
+            goal: "p99 <= 100 ms at half load".to_owned(),
+            verdict: if f.freshness.never_visible > 0 {
+                "MISS"
+            } else {
+                verdict(Goal::AtMost(100.0), both.p99)
+            },
+        },
+        Row {
+            figure: format!(
+                "  same at {:.0} ev/s (a tenth of the maximum)",
+                f.light.rate
+            ),
+            value: format!(
+                "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                f.light.both.p50, f.light.both.p99, f.light.both.max
+            ),
+            goal: "(reference)".to_owned(),
+            verdict: "(info)",
+        },
+        Row {
+            figure: "projector RSS (worldline project, five, backlog)".to_owned(),
+            value: format!(
+                "peak {:.1} MiB (VmHWM {:.1} MiB)",
+                mib(f.memory.peak_rss_kib),
+                mib(f.memory.hwm_kib)
+            ),
+            goal: "<= 150 MiB".to_owned(),
+            verdict: verdict(Goal::AtMost(150.0), peak_mib),
+        },
+    ]
+}
+
+fn print_summary(figures: &Figures, judged_batch: usize) {
+    println!("\nSummary (batch_max_records {judged_batch}; events/s from each projector alone)");
+    println!(
+        "  {:<48} {:<40} {:<28} verdict",
+        "figure", "value", "goal (issue 4)"
+    );
+    for row in summary_rows(figures) {
+        println!(
+            "  {:<48} {:<40} {:<28} {}",
+            row.figure, row.value, row.goal, row.verdict
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn given_sorted_values_when_taking_percentiles_then_nearest_rank_is_used() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 0.50), 50.0);
+        assert_eq!(percentile(&values, 0.99), 99.0);
+        assert_eq!(percentile(&values, 1.0), 100.0);
+        assert_eq!(percentile(&values, 0.0), 1.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn given_a_steady_rate_when_time_passes_then_only_the_shortfall_is_due() {
+        assert_eq!(events_due(1000.0, Duration::from_millis(5), 0), 5);
+        assert_eq!(events_due(1000.0, Duration::from_millis(10), 5), 5);
+        assert_eq!(events_due(1000.0, Duration::from_millis(10), 12), 0);
+        assert_eq!(events_due(300.0, Duration::from_millis(5), 1), 0);
+    }
+
+    #[test]
+    fn given_goals_when_judged_then_bounds_are_inclusive() {
+        assert_eq!(verdict(Goal::AtLeast(0.3), 0.3), "PASS");
+        assert_eq!(verdict(Goal::AtLeast(0.3), 0.29), "MISS");
+        assert_eq!(verdict(Goal::AtMost(100.0), 100.0), "PASS");
+        assert_eq!(verdict(Goal::AtMost(100.0), 100.1), "MISS");
+    }
+
+    #[test]
+    fn given_stored_offsets_when_compared_with_ends_then_progress_is_capped_and_complete_only_at_every_end()
+     {
+        let ends: Offsets = [(("t".to_owned(), 0), 10), (("t".to_owned(), 1), 5)].into();
+        let partway: Offsets = [(("t".to_owned(), 0), 10)].into();
+        assert_eq!(progress(&partway, &ends), (10, false));
+        let past: Offsets = [(("t".to_owned(), 0), 12), (("t".to_owned(), 1), 5)].into();
+        assert_eq!(progress(&past, &ends), (15, true));
+    }
+
+    #[test]
+    fn given_observed_next_offsets_when_an_offset_is_looked_up_then_the_first_passing_observation_counts()
+     {
+        let ms = Duration::from_millis;
+        let observed = [(ms(1), 0), (ms(5), 10), (ms(9), 11)];
+        assert_eq!(visible_at(&observed, 0), Some(ms(5)));
+        assert_eq!(visible_at(&observed, 9), Some(ms(5)));
+        assert_eq!(visible_at(&observed, 10), Some(ms(9)));
+        assert_eq!(visible_at(&observed, 11), None);
+    }
+
+    #[test]
+    fn given_a_proc_status_when_parsed_then_kib_fields_are_read() {
+        let status = "Name:\tworldline\nVmHWM:\t  81234 kB\nVmRSS:\t   70000 kB\n";
+        assert_eq!(status_kib(status, "VmRSS"), Some(70_000));
+        assert_eq!(status_kib(status, "VmHWM"), Some(81_234));
+        assert_eq!(status_kib(status, "VmSwap"), None);
+    }
+
+    #[test]
+    fn given_rows_when_encoded_for_binary_copy_then_header_fields_and_trailer_follow_the_format() {
+        let mut copy = BinaryCopy::new();
+        copy.row(2).int4(7).timestamptz_ms(946_684_800_000);
+        let bytes = copy.finish();
+        let mut expected = b"PGCOPY\n\xff\r\n\0".to_vec();
+        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[0, 2]);
+        expected.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 7]);
+        expected.extend_from_slice(&[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[0xff, 0xff]);
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn given_json_when_encoded_as_jsonb_then_the_version_byte_comes_first() {
+        let mut copy = BinaryCopy::new();
+        copy.row(1).jsonb("{}");
+        let bytes = copy.finish();
+        assert_eq!(&bytes[19..28], &[0, 1, 0, 0, 0, 3, 1, b'{', b'}']);
+    }
+
+    #[test]
+    fn given_a_default_batch_when_variants_are_chosen_then_it_comes_first_and_none_repeat() {
+        assert_eq!(batch_size_variants(2000), vec![2000, 500, 5000]);
+        assert_eq!(batch_size_variants(1), vec![1, 2]);
+        assert_eq!(parse_batch_sizes("2000, 500").unwrap(), vec![2000, 500]);
+        assert!(parse_batch_sizes("0").is_err());
+    }
+
+    #[test]
+    fn given_sent_events_when_matched_with_offset_history_then_latency_is_the_later_of_both_schemas()
+     {
+        let ms = Duration::from_millis;
+        let sent = vec![Sent {
+            family: Family::Clock,
+            topic: "c".to_owned(),
+            partition: 0,
+            offset: 4,
+            sent: ms(10),
+            acked: ms(15),
+        }];
+        let history: OffsetHistory = [
+            (
+                ("clock_mix".to_owned(), "c".to_owned(), 0),
+                vec![(ms(0), 4), (ms(30), 5)],
+            ),
+            (
+                ("worlds_mix".to_owned(), "c".to_owned(), 0),
+                vec![(ms(40), 5)],
+            ),
+        ]
+        .into();
+        let schemas: HashMap<Family, String> = [(Family::Clock, "clock_mix".to_owned())].into();
+        let (latencies, missing) = freshness_of(&sent, &history, &schemas, "worlds_mix");
+        assert_eq!(missing, 0);
+        assert_eq!(latencies, vec![[20.0, 30.0, 30.0, 25.0]]);
+    }
+
+    #[test]
+    fn given_two_metric_renderings_when_diffed_then_batches_time_and_applied_events_per_projector_remain()
+     {
+        let before = "worldline_projector_batch_duration_seconds_count{projector=\"clock\"} 10\n\
+                      worldline_projector_batch_duration_seconds_sum{projector=\"clock\"} 0.5\n\
+                      worldline_projector_events_total{projector=\"clock\",result=\"applied\"} 100\n";
+        let after = "# TYPE x counter\n\
+                     worldline_projector_batch_duration_seconds_bucket{projector=\"clock\",le=\"0.1\"} 30\n\
+                     worldline_projector_batch_duration_seconds_count{projector=\"clock\"} 30\n\
+                     worldline_projector_batch_duration_seconds_sum{projector=\"clock\"} 1.5\n\
+                     worldline_projector_events_total{projector=\"clock\",result=\"applied\"} 700\n\
+                     worldline_projector_events_total{projector=\"clock\",result=\"dead_letter\"} 3\n";
+        let delta = batch_stats_between(before, after);
+        assert_eq!(
+            delta,
+            vec![(
+                "clock".to_owned(),
+                BatchStats {
+                    batches: 20.0,
+                    seconds: 1.0,
+                    events: 600.0
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn given_proc_stat_lines_when_parsed_then_busy_total_and_process_ticks_are_read() {
+        let stat = "cpu  100 5 50 800 20 1 2 3 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        assert_eq!(machine_ticks(stat), Some((161, 981)));
+        let pid = "4242 (bench project) S 1 2 3 4 5 6 7 8 9 10 250 40 0 0 20 0";
+        assert_eq!(process_ticks(pid), Some(290));
+    }
+
+    #[test]
+    fn given_child_env_text_when_parsed_then_pairs_are_split_and_blanks_skipped() {
+        assert_eq!(
+            parse_child_env(" A=1; B = x=y ;").unwrap(),
+            vec![
+                ("A".to_owned(), "1".to_owned()),
+                ("B".to_owned(), "x=y".to_owned())
+            ]
+        );
+        assert!(parse_child_env("nope").is_err());
+    }
+}

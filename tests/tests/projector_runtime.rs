@@ -1,0 +1,525 @@
+//! The projector runtime on the real stack: dead letters, duplicates, and the
+//! compare-and-set that keeps a zombie instance from applying twice.
+
+#![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use rdkafka::producer::FutureRecord;
+use worldline_producers::{Appender, AppenderOptions};
+use worldline_projectors::read_models::clock::ClockProjector;
+use worldline_projectors::read_models::worlds::WorldsProjector;
+use worldline_projectors::store::{SchemaName, compare_and_set_offset, prepare_schema};
+use worldline_schemas::envelope::{EnvelopeExt, new_envelope};
+use worldline_schemas::pb::envelope::Body;
+use worldline_schemas::pb::{ClockTicked, Envelope, Season};
+use worldline_schemas::{Family, WorldId};
+use worldline_tests::{TestEnv, eventually};
+
+fn tick(world: &WorldId, n: u64) -> Envelope {
+    new_envelope(
+        world,
+        n,
+        "test",
+        Body::ClockTicked(ClockTicked {
+            game_time_s: n * 60,
+            day: 0,
+            season: Season::Spring as i32,
+            time_scale: 60,
+        }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_become_one_dead_letter_each_and_later_events_still_apply() {
+    let env = TestEnv::new(2).await;
+    let world = WorldId::parse("poisoned").unwrap();
+    let appender = Appender::new(
+        &env.settings.kafka,
+        AppenderOptions {
+            topic_prefix: env.settings.topics.prefix.clone(),
+            ..AppenderOptions::default()
+        },
+    )
+    .unwrap();
+    let first: Vec<Envelope> = (1..=10).map(|n| tick(&world, n)).collect();
+    for result in appender.append_batch(&first).await {
+        result.unwrap();
+    }
+
+    // Four kinds of poison, keyed like the world so they sit in its partition.
+    let valid = tick(&world, 11).to_bytes();
+    let mut unknown_type = Envelope {
+        body: None,
+        ..tick(&world, 11)
+    }
+    .encode_to_vec();
+    unknown_type.extend_from_slice(&[0x7a, 0x00]); // field 15, empty: a body type this build does not know
+    let poison: Vec<(&str, Vec<u8>)> = vec![
+        ("random bytes", vec![0xde, 0xad, 0xbe, 0xef, 0xff, 0x01]),
+        ("truncated protobuf", valid[..valid.len() / 2].to_vec()),
+        ("empty value", Vec::new()),
+        ("unknown event type", unknown_type),
+    ];
+    let producer = env.raw_producer();
+    let topic = env.topic(Family::Clock);
+    for (_, bytes) in &poison {
+        producer
+            .send(
+                FutureRecord::to(&topic).key(world.as_str()).payload(bytes),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    // A producer retry: the same event (same id) again at a later offset, then more ticks.
+    let mut later = vec![first[9].clone()];
+    later.extend((11..=20).map(|n| tick(&world, n)));
+    for result in appender.append_batch(&later).await {
+        result.unwrap();
+    }
+
+    let projector = env.start_projector(Arc::new(ClockProjector));
+    let pool = env.pool.clone();
+    eventually(Duration::from_secs(30), "tick 20 to be applied", || {
+        let pool = pool.clone();
+        async move {
+            let tick: Option<i64> = sqlx::query_scalar(
+                "SELECT tick FROM clock.world_clock WHERE world_id = 'poisoned'",
+            )
+            .fetch_optional(&pool)
+            .await
+            .ok()?;
+            (tick == Some(20)).then_some(())
+        }
+    })
+    .await;
+
+    let letters: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT error_class, error_message, payload_sha256 FROM clock.dead_letters ORDER BY kafka_offset",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        letters.len(),
+        poison.len(),
+        "one dead letter per poison record: {letters:?}"
+    );
+    let classes: Vec<&str> = letters.iter().map(|l| l.0.as_str()).collect();
+    assert_eq!(classes, ["malformed", "malformed", "empty", "invalid"]);
+    assert!(letters[3].1.contains("no body"), "{}", letters[3].1);
+    assert_eq!(
+        letters[2].2,
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+
+    // A copy of each dead letter reaches the dead-letter topic, with the reason.
+    let dead_topic = format!("{}worldline.dead-letters.v1", env.settings.topics.prefix);
+    let copies = env.read_topic(&dead_topic);
+    assert_eq!(copies.len(), poison.len());
+    for copy in &copies {
+        let headers: std::collections::HashMap<_, _> = copy.headers.iter().cloned().collect();
+        assert_eq!(headers["wl_dlq_projector"], "clock");
+        assert_eq!(headers["wl_dlq_topic"], topic);
+        assert!(!headers["wl_dlq_error"].is_empty());
+        assert_eq!(copy.key.as_deref(), Some(world.as_str().as_bytes()));
+    }
+
+    // Every record of the topic is accounted for exactly once by the stored offsets.
+    let records = env.read_topic(&topic);
+    let total_next: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(SUM(next_offset), 0)::bigint FROM clock.projector_offsets WHERE topic = $1",
+    )
+    .bind(&topic)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(total_next, records.len() as i64);
+
+    projector.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_offset_cannot_be_committed_twice() {
+    let env = TestEnv::new(1).await;
+    let schema = SchemaName::parse("clock").unwrap();
+    prepare_schema(&env.pool, &schema, &ClockProjector)
+        .await
+        .unwrap();
+    let mut conn = env.pool.acquire().await.unwrap();
+
+    // First writer of a partition: no row yet.
+    assert!(
+        compare_and_set_offset(&mut conn, &schema, "t", 0, None, 10)
+            .await
+            .unwrap()
+    );
+    // A second instance that also saw "no row" (it was assigned before the first commit) loses.
+    assert!(
+        !compare_and_set_offset(&mut conn, &schema, "t", 0, None, 5)
+            .await
+            .unwrap()
+    );
+    // The live instance moves on from 10.
+    assert!(
+        compare_and_set_offset(&mut conn, &schema, "t", 0, Some(10), 20)
+            .await
+            .unwrap()
+    );
+    // A zombie that loaded 10 before pausing cannot commit its batch now.
+    assert!(
+        !compare_and_set_offset(&mut conn, &schema, "t", 0, Some(10), 20)
+            .await
+            .unwrap()
+    );
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT next_offset FROM clock.projector_offsets WHERE topic = 't' AND partition = 0",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(stored, 20);
+    drop(conn);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_projector_resumes_from_postgres_not_from_the_beginning() {
+    let env = TestEnv::new(2).await;
+    let world = WorldId::parse("resume").unwrap();
+    let appender = Appender::new(
+        &env.settings.kafka,
+        AppenderOptions {
+            topic_prefix: env.settings.topics.prefix.clone(),
+            ..AppenderOptions::default()
+        },
+    )
+    .unwrap();
+    let wait_for = |expected: i64| {
+        let pool = env.pool.clone();
+        async move {
+            eventually(
+                Duration::from_secs(30),
+                "the clock to reach the expected tick",
+                || {
+                    let pool = pool.clone();
+                    async move {
+                        let tick: Option<i64> = sqlx::query_scalar(
+                            "SELECT tick FROM clock.world_clock WHERE world_id = 'resume'",
+                        )
+                        .fetch_optional(&pool)
+                        .await
+                        .ok()?;
+                        (tick == Some(expected)).then_some(())
+                    }
+                },
+            )
+            .await
+        }
+    };
+    let batch: Vec<Envelope> = (1..=5).map(|n| tick(&world, n)).collect();
+    appender
+        .append_batch(&batch)
+        .await
+        .into_iter()
+        .for_each(|r| {
+            r.unwrap();
+        });
+    let projector = env.start_projector(Arc::new(ClockProjector));
+    wait_for(5).await;
+    projector.stop().await;
+
+    // Kafka's committed offset for the group is now at the end of the log. Rewind
+    // only the Postgres position by two records and forget the row: if the
+    // runtime starts where Postgres says, ticks 4 and 5 are applied again and
+    // the row comes back; if it trusted Kafka, nothing would be consumed.
+    sqlx::query("DELETE FROM clock.world_clock WHERE world_id = 'resume'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE clock.projector_offsets SET next_offset = next_offset - 2 WHERE next_offset >= 2",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let projector = env.start_projector(Arc::new(ClockProjector));
+    wait_for(5).await;
+    let batch: Vec<Envelope> = (6..=8).map(|n| tick(&world, n)).collect();
+    appender
+        .append_batch(&batch)
+        .await
+        .into_iter()
+        .for_each(|r| {
+            r.unwrap();
+        });
+    wait_for(8).await;
+    projector.stop().await;
+    let end: i64 =
+        sqlx::query_scalar("SELECT SUM(next_offset)::bigint FROM clock.projector_offsets")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(end, 8, "eight records consumed in all");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_offset_outside_the_log_halts_the_projector_instead_of_skipping() {
+    let env = TestEnv::new(1).await;
+    let world = WorldId::parse("gap").unwrap();
+    let appender = Appender::new(
+        &env.settings.kafka,
+        AppenderOptions {
+            topic_prefix: env.settings.topics.prefix.clone(),
+            ..AppenderOptions::default()
+        },
+    )
+    .unwrap();
+    let batch: Vec<Envelope> = (1..=5).map(|n| tick(&world, n)).collect();
+    for result in appender.append_batch(&batch).await {
+        result.unwrap();
+    }
+    let schema = SchemaName::parse("clock").unwrap();
+    prepare_schema(&env.pool, &schema, &ClockProjector)
+        .await
+        .unwrap();
+    let topic = env.topic(Family::Clock);
+    let mut conn = env.pool.acquire().await.unwrap();
+    // A position past the end, as after the topic was deleted and re-created.
+    assert!(
+        compare_and_set_offset(&mut conn, &schema, &topic, 0, None, 1_000)
+            .await
+            .unwrap()
+    );
+    drop(conn);
+
+    let error = env
+        .start_projector(Arc::new(ClockProjector))
+        .halted(Duration::from_secs(30))
+        .await;
+    assert!(
+        matches!(
+            error,
+            worldline_projectors::RuntimeError::OffsetOutOfRange { .. }
+        ),
+        "{error}"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM clock.world_clock")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "nothing applied from a guessed position");
+    let stored: i64 = sqlx::query_scalar("SELECT next_offset FROM clock.projector_offsets")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored, 1_000,
+        "the stored position is left for the operator"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_that_decode_after_a_fix_are_redriven_once() {
+    let env = TestEnv::new(1).await;
+    let schema = SchemaName::parse("clock").unwrap();
+    prepare_schema(&env.pool, &schema, &ClockProjector)
+        .await
+        .unwrap();
+    let world = WorldId::parse("redriven").unwrap();
+    // As an older build would have recorded them: a tick it could not decode
+    // (today's build can), and bytes nobody can decode.
+    let fixed = tick(&world, 7).to_bytes();
+    sqlx::query(
+        "INSERT INTO clock.dead_letters
+             (topic, partition, kafka_offset, record_key, payload, payload_sha256, error_class, error_message)
+         VALUES ('t', 0, 3, 'redriven', $1, 'x', 'invalid', 'unknown event type'),
+                ('t', 0, 4, 'redriven', '\\xdeadbeef', 'y', 'malformed', 'not protobuf')",
+    )
+    .bind(&fixed)
+    .execute(&env.pool)
+    .await
+    .unwrap();
+
+    let first =
+        worldline_projectors::redrive::redrive(&env.pool, Arc::new(ClockProjector), &schema)
+            .await
+            .unwrap();
+    assert_eq!(
+        (first.examined, first.applied, first.still_failing),
+        (2, 1, 1)
+    );
+    let tick_now: i64 =
+        sqlx::query_scalar("SELECT tick FROM clock.world_clock WHERE world_id = 'redriven'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(tick_now, 7);
+
+    let second =
+        worldline_projectors::redrive::redrive(&env.pool, Arc::new(ClockProjector), &schema)
+            .await
+            .unwrap();
+    assert_eq!(
+        (second.examined, second.applied, second.still_failing),
+        (1, 0, 1),
+        "the re-driven letter is not applied again; the broken one is still there"
+    );
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM clock.dead_letters WHERE redriven_at IS NULL")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(pending, 1);
+    env.cleanup().await;
+}
+
+/// A compare-and-set conflict on one partition rolls the whole batch back, so
+/// the other partitions of that batch must be read again from their stored
+/// offsets. Otherwise the consumer, already past them, would leave a gap that
+/// the next batch's compare-and-set (its expected offset unchanged) accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_on_one_partition_loses_nothing_on_the_others_in_the_same_batch() {
+    let mut env = TestEnv::new(2).await;
+    // One batch gathers both partitions' backlog.
+    env.settings.projector.batch_max_records = 1_000;
+    env.settings.projector.batch_max_wait_ms = 2_000;
+    let worlds = two_worlds_on_different_partitions(2);
+    let appender = Appender::new(
+        &env.settings.kafka,
+        AppenderOptions {
+            topic_prefix: env.settings.topics.prefix.clone(),
+            ..AppenderOptions::default()
+        },
+    )
+    .unwrap();
+    let append = |from: u64, to: u64| {
+        let batch: Vec<Envelope> = worlds
+            .iter()
+            .flat_map(|world| (from..=to).map(|n| tick(world, n)))
+            .collect();
+        let appender = appender.clone();
+        async move {
+            for result in appender.append_batch(&batch).await {
+                result.unwrap();
+            }
+        }
+    };
+    let applied = |world: &WorldId| {
+        let pool = env.pool.clone();
+        let world = world.as_str().to_owned();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT records_applied FROM worlds.worlds WHERE world_id = $1",
+            )
+            .bind(world)
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+        }
+    };
+    let clock_topic = env.topic(Family::Clock);
+    let first_partition =
+        worldline_schemas::partitioner::partition_for_key(worlds[0].as_str().as_bytes(), 2);
+
+    append(1, 10).await;
+    let projector = env.start_projector(Arc::new(WorldsProjector));
+    for world in &worlds {
+        eventually(Duration::from_secs(30), "the first ten ticks", || async {
+            (applied(world).await == 10).then_some(())
+        })
+        .await;
+    }
+    projector.stop().await;
+
+    // The next batch holds ticks 11..=20 of both worlds. Hold the first world's
+    // offset row so the runtime's compare-and-set waits on it, then move that
+    // offset as another instance would have, and let the runtime go on.
+    append(11, 20).await;
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT next_offset FROM worlds.projector_offsets
+          WHERE topic = $1 AND partition = $2 FOR UPDATE",
+    )
+    .bind(&clock_topic)
+    .bind(first_partition)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let projector = env.start_projector(Arc::new(WorldsProjector));
+    eventually(
+        Duration::from_secs(30),
+        "the runtime to wait on the held offset row",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .ok()?;
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    sqlx::query(
+        "UPDATE worlds.projector_offsets SET next_offset = next_offset + 10
+          WHERE topic = $1 AND partition = $2",
+    )
+    .bind(&clock_topic)
+    .bind(first_partition)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    holder.commit().await.unwrap();
+
+    // The second world's ticks 11..=20 were in the rolled-back batch; with them
+    // and five more, nothing may be missing.
+    append(21, 25).await;
+    eventually(
+        Duration::from_secs(30),
+        "every tick of the second world",
+        || async { (applied(&worlds[1]).await == 25).then_some(()) },
+    )
+    .await;
+    // And the first world's counter moved only by what was applied here (the
+    // ten the "other instance" took are not counted by this one).
+    eventually(
+        Duration::from_secs(30),
+        "the first world's remaining ticks",
+        || async { (applied(&worlds[0]).await == 15).then_some(()) },
+    )
+    .await;
+    projector.stop().await;
+    assert_eq!(applied(&worlds[1]).await, 25, "no tick counted twice");
+    env.cleanup().await;
+}
+
+/// Two world ids that the Java-compatible partitioner puts on different partitions.
+fn two_worlds_on_different_partitions(partitions: i32) -> [WorldId; 2] {
+    let mut found: Vec<(i32, WorldId)> = Vec::new();
+    for n in 0.. {
+        let world = WorldId::parse(&format!("split-{n}")).unwrap();
+        let partition = worldline_schemas::partitioner::partition_for_key(
+            world.as_str().as_bytes(),
+            partitions,
+        );
+        if found.iter().all(|(p, _)| *p != partition) {
+            found.push((partition, world));
+        }
+        if found.len() == 2 {
+            break;
+        }
+    }
+    let second = found.pop().unwrap().1;
+    let first = found.pop().unwrap().1;
+    [first, second]
+}

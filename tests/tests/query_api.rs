@@ -1,0 +1,1229 @@
+//! The query API over read models filled by the real pipeline: events appended
+//! to Kafka with the Appender, every projector running in-process, the API
+//! served on a loopback port and queried over HTTP.
+
+#![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reqwest::{StatusCode, Url};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use worldline_ops::Health;
+use worldline_producers::{Appender, AppenderOptions};
+use worldline_query_api::AppState;
+use worldline_schemas::WorldId;
+use worldline_schemas::envelope::new_envelope;
+use worldline_schemas::pb::envelope::Body;
+use worldline_schemas::pb::{
+    ClockTicked, Envelope, InferenceOutcome, InferencePurpose, InferenceRecorded, Season,
+    StoryChoiceMade, WeatherChanged, WeatherCondition, WorldCreated,
+};
+use worldline_tests::{Running, TestEnv, eventually};
+
+/// A minute boundary in the past: 2026-09-21T14:13:00Z.
+const BASE_MS: i64 = 1_789_999_980_000;
+
+/// Values that only the second world has: none may ever show up in an answer
+/// about the first world.
+const OTHER_WORLD_MARKERS: [&str; 5] =
+    ["tundra", "yeti", "frost-oracle", "frost-saga", "frost-npc"];
+
+/// Every latency bucket bound of the inference read model, in ms.
+const BOUNDS: [u32; 20] = [
+    10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10000,
+    20000, 20000,
+];
+
+struct ChoiceSpec {
+    tick: u64,
+    player: &'static str,
+    story: &'static str,
+    node: &'static str,
+    choice: &'static str,
+    next: &'static str,
+}
+
+struct InferenceSpec {
+    offset_s: i64,
+    model: &'static str,
+    purpose: InferencePurpose,
+    npc: &'static str,
+    latency_ms: u32,
+    outcome: InferenceOutcome,
+}
+
+const CHOICES: [ChoiceSpec; 12] = [
+    c(2, "ayla", "lost-caravan", "start", "help", "camp"),
+    c(3, "bren", "lost-caravan", "start", "ignore", ""),
+    c(3, "cato", "lost-caravan", "start", "help", "camp"),
+    c(5, "ayla", "lost-caravan", "camp", "rest", "ambush"),
+    c(5, "cato", "lost-caravan", "camp", "scout", "ridge"),
+    c(7, "ayla", "smugglers", "dock", "bribe", "hold"),
+    c(8, "bren", "smugglers", "dock", "fight", "jail"),
+    c(9, "ayla", "lost-caravan", "ambush", "flee", "road"),
+    c(11, "cato", "smugglers", "dock", "bribe", "hold"),
+    c(12, "ayla", "smugglers", "hold", "search", "vault"),
+    c(12, "bren", "lost-caravan", "start", "help", "camp"),
+    c(15, "cato", "lost-caravan", "ridge", "signal", "camp"),
+];
+
+const fn c(
+    tick: u64,
+    player: &'static str,
+    story: &'static str,
+    node: &'static str,
+    choice: &'static str,
+    next: &'static str,
+) -> ChoiceSpec {
+    ChoiceSpec {
+        tick,
+        player,
+        story,
+        node,
+        choice,
+        next,
+    }
+}
+
+const INFERENCES: [InferenceSpec; 10] = [
+    i(
+        0,
+        "npc-chat",
+        InferencePurpose::NpcDialogue,
+        "innkeeper",
+        40,
+        InferenceOutcome::Ok,
+    ),
+    i(
+        5,
+        "npc-chat",
+        InferencePurpose::NpcDialogue,
+        "smith",
+        180,
+        InferenceOutcome::Ok,
+    ),
+    i(
+        10,
+        "npc-chat",
+        InferencePurpose::NpcDialogue,
+        "innkeeper",
+        900,
+        InferenceOutcome::Timeout,
+    ),
+    i(
+        15,
+        "narrator",
+        InferencePurpose::Narration,
+        "",
+        1200,
+        InferenceOutcome::Ok,
+    ),
+    i(
+        20,
+        "npc-chat",
+        InferencePurpose::Moderation,
+        "smith",
+        30,
+        InferenceOutcome::Ok,
+    ),
+    i(
+        25,
+        "narrator",
+        InferencePurpose::Narration,
+        "",
+        2500,
+        InferenceOutcome::Error,
+    ),
+    i(
+        60,
+        "npc-chat",
+        InferencePurpose::NpcDialogue,
+        "innkeeper",
+        75,
+        InferenceOutcome::Ok,
+    ),
+    i(
+        65,
+        "narrator",
+        InferencePurpose::Narration,
+        "",
+        800,
+        InferenceOutcome::Ok,
+    ),
+    i(
+        70,
+        "npc-chat",
+        InferencePurpose::NpcDialogue,
+        "smith",
+        25000,
+        InferenceOutcome::Ok,
+    ),
+    i(
+        75,
+        "npc-chat",
+        InferencePurpose::Moderation,
+        "",
+        12,
+        InferenceOutcome::Filtered,
+    ),
+];
+
+const fn i(
+    offset_s: i64,
+    model: &'static str,
+    purpose: InferencePurpose,
+    npc: &'static str,
+    latency_ms: u32,
+    outcome: InferenceOutcome,
+) -> InferenceSpec {
+    InferenceSpec {
+        offset_s,
+        model,
+        purpose,
+        npc,
+        latency_ms,
+        outcome,
+    }
+}
+
+fn purpose_name(purpose: InferencePurpose) -> &'static str {
+    match purpose {
+        InferencePurpose::NpcDialogue => "npc_dialogue",
+        InferencePurpose::Narration => "narration",
+        InferencePurpose::QuestGeneration => "quest_generation",
+        InferencePurpose::Moderation => "moderation",
+        InferencePurpose::Unspecified => "unspecified",
+    }
+}
+
+fn created(world: &WorldId, name: &str, regions: &[&str]) -> Envelope {
+    new_envelope(
+        world,
+        0,
+        "admin",
+        Body::WorldCreated(WorldCreated {
+            display_name: name.to_owned(),
+            seed: 42,
+            time_scale: 60,
+            tick_interval_ms: 1000,
+            regions: regions.iter().map(|r| (*r).to_owned()).collect(),
+        }),
+    )
+}
+
+fn tick(world: &WorldId, tick: u64) -> Envelope {
+    new_envelope(
+        world,
+        tick,
+        "clock",
+        Body::ClockTicked(ClockTicked {
+            game_time_s: tick * 60,
+            day: 0,
+            season: Season::Spring as i32,
+            time_scale: 60,
+        }),
+    )
+}
+
+fn weather(
+    world: &WorldId,
+    tick: u64,
+    region: &str,
+    condition: WeatherCondition,
+    previous: WeatherCondition,
+) -> Envelope {
+    new_envelope(
+        world,
+        tick,
+        "weather",
+        Body::WeatherChanged(WeatherChanged {
+            region: region.to_owned(),
+            condition: condition as i32,
+            temperature_dc: 100 + i32::try_from(tick).unwrap(),
+            wind_dmps: 40,
+            precipitation_dmmph: 0,
+            previous_condition: previous as i32,
+            ..WeatherChanged::default()
+        }),
+    )
+}
+
+fn choice(world: &WorldId, spec: &ChoiceSpec) -> Envelope {
+    new_envelope(
+        world,
+        spec.tick,
+        "game-server",
+        Body::StoryChoiceMade(StoryChoiceMade {
+            player_id: spec.player.to_owned(),
+            story_id: spec.story.to_owned(),
+            node_id: spec.node.to_owned(),
+            choice_id: spec.choice.to_owned(),
+            next_node_id: spec.next.to_owned(),
+            context: [("party".to_owned(), "3".to_owned())].into(),
+        }),
+    )
+}
+
+fn inference(world: &WorldId, tick: u64, spec: &InferenceSpec) -> Envelope {
+    let mut envelope = new_envelope(
+        world,
+        tick,
+        "npc-runtime",
+        Body::InferenceRecorded(InferenceRecorded {
+            model_id: spec.model.to_owned(),
+            model_version: "2026-10".to_owned(),
+            purpose: spec.purpose as i32,
+            prompt_tokens: 300,
+            completion_tokens: 80,
+            latency_ms: spec.latency_ms,
+            cost_micro_usd: 950,
+            outcome: spec.outcome as i32,
+            npc_id: spec.npc.to_owned(),
+            input_hash: "ab12".to_owned(),
+        }),
+    );
+    envelope.occurred_at_ms = BASE_MS + spec.offset_s * 1000;
+    envelope
+}
+
+/// The events of the three worlds, with some redelivered (same event id).
+fn events() -> Vec<Envelope> {
+    use WeatherCondition::{Clear, Fog, Rain, Snow, Unspecified};
+    let ember = WorldId::parse("emberfall").unwrap();
+    let frost = WorldId::parse("frostholm").unwrap();
+    let quiet = WorldId::parse("quiet").unwrap();
+    let mut all = vec![
+        created(&ember, "Emberfall", &["north", "coast", "east"]),
+        created(&frost, "Frostholm", &["tundra"]),
+        created(&quiet, "Quiet", &[]),
+    ];
+    all.extend((1..=30).map(|t| tick(&ember, t)));
+    all.extend((1..=4).map(|t| tick(&frost, t)));
+    all.extend([
+        weather(&ember, 1, "north", Clear, Unspecified),
+        weather(&ember, 1, "coast", Rain, Unspecified),
+        weather(&ember, 5, "east", Fog, Unspecified),
+        weather(&ember, 10, "north", Snow, Clear),
+        weather(&ember, 20, "north", Clear, Snow),
+        weather(&frost, 1, "north", Snow, Unspecified),
+        weather(&frost, 2, "tundra", Snow, Unspecified),
+    ]);
+    all.extend(CHOICES.iter().map(|spec| choice(&ember, spec)));
+    all.push(choice(
+        &frost,
+        &c(2, "ayla", "frost-saga", "gate", "yeti", "tundra"),
+    ));
+    all.push(choice(
+        &frost,
+        &c(3, "yeti", "lost-caravan", "start", "help", "camp"),
+    ));
+    all.extend(
+        INFERENCES
+            .iter()
+            .enumerate()
+            .map(|(n, spec)| inference(&ember, n as u64, spec)),
+    );
+    all.push(inference(
+        &frost,
+        1,
+        &i(
+            1,
+            "frost-oracle",
+            InferencePurpose::NpcDialogue,
+            "frost-npc",
+            50,
+            InferenceOutcome::Ok,
+        ),
+    ));
+    // Producer retries: the same events again, later in the log.
+    let redelivered: Vec<Envelope> = [33, 40, 45, 55, 60]
+        .iter()
+        .map(|n| all[*n].clone())
+        .collect();
+    all.extend(redelivered);
+    all
+}
+
+/// The pipeline and the API, running.
+struct Served {
+    env: TestEnv,
+    projectors: Vec<Running>,
+    shutdown: CancellationToken,
+    base: Url,
+    http: reqwest::Client,
+}
+
+impl Served {
+    /// Appends every event, projects them all, and serves the API.
+    async fn start() -> Served {
+        let env = TestEnv::new(2).await;
+        let appender = Appender::new(
+            &env.settings.kafka,
+            AppenderOptions {
+                topic_prefix: env.settings.topics.prefix.clone(),
+                ..AppenderOptions::default()
+            },
+        )
+        .unwrap();
+        for result in appender.append_batch(&events()).await {
+            result.unwrap();
+        }
+        let all = worldline_projectors::registry::all();
+        let projectors = all.iter().map(|p| env.start_projector(p.clone())).collect();
+        for projector in &all {
+            let env = &env;
+            eventually(
+                Duration::from_secs(60),
+                &format!("{} to catch up", projector.name()),
+                || async move {
+                    env.caught_up(projector.name(), projector.as_ref())
+                        .await
+                        .then_some(())
+                },
+            )
+            .await;
+        }
+        let shutdown = CancellationToken::new();
+        let health = Health::default();
+        tokio::spawn(worldline_query_api::watch_database(
+            env.pool.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
+        let app = worldline_query_api::app(AppState::new(env.pool.clone()), health);
+        let (addr, _task) = worldline_ops::health::serve(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            app,
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        Served {
+            env,
+            projectors,
+            shutdown,
+            base: Url::parse(&format!("http://{addr}")).unwrap(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A URL from path segments (each percent-encoded as needed) and query pairs.
+    fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut().unwrap().extend(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        url
+    }
+
+    async fn get_url(&self, url: Url) -> (StatusCode, String, Value) {
+        let response = self.http.get(url).send().await.unwrap();
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, content_type, body)
+    }
+
+    /// GETs and expects 200 with JSON.
+    async fn ok(&self, segments: &[&str], query: &[(&str, &str)]) -> Value {
+        let url = self.url(segments, query);
+        let (status, content_type, body) = self.get_url(url.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{url}: {body}");
+        assert_eq!(content_type, "application/json", "{url}");
+        body
+    }
+
+    /// GETs and expects a problem with `status`.
+    async fn problem(
+        &self,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        status: StatusCode,
+    ) -> Value {
+        let url = self.url(segments, query);
+        let (got, content_type, body) = self.get_url(url.clone()).await;
+        assert_eq!(got, status, "{url}: {body}");
+        assert_eq!(content_type, "application/problem+json", "{url}");
+        assert_eq!(body["status"], status.as_u16(), "{url}");
+        assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+        body
+    }
+
+    /// Every item of a list, following `next_cursor` with pages of `limit`.
+    async fn walk(&self, segments: &[&str], query: &[(&str, &str)], limit: usize) -> Vec<Value> {
+        let limit = limit.to_string();
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..1000 {
+            let mut pairs: Vec<(&str, &str)> = query.to_vec();
+            pairs.push(("limit", &limit));
+            if let Some(cursor) = &cursor {
+                pairs.push(("cursor", cursor));
+            }
+            let page = self.ok(segments, &pairs).await;
+            let batch = page["items"].as_array().unwrap();
+            assert!(batch.len() <= limit.parse().unwrap());
+            items.extend(batch.iter().cloned());
+            match page["next_cursor"].as_str() {
+                Some(next) => {
+                    assert!(
+                        !batch.is_empty(),
+                        "a page with a next cursor is never empty"
+                    );
+                    cursor = Some(next.to_owned());
+                }
+                None => return items,
+            }
+        }
+        panic!("{segments:?} did not end");
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for projector in self.projectors {
+            projector.stop().await;
+        }
+        self.env.cleanup().await;
+    }
+}
+
+fn items(page: &Value) -> &Vec<Value> {
+    page["items"].as_array().unwrap()
+}
+
+fn field<'a>(items: &'a [Value], name: &str) -> Vec<&'a Value> {
+    items.iter().map(|item| &item[name]).collect()
+}
+
+/// The upper bound of the bucket where the cumulative count reaches q of the total.
+fn quantile(latencies: &[u32], q: f64) -> u32 {
+    let bucket = |ms: u32| BOUNDS[..19].iter().position(|b| ms <= *b).unwrap_or(19);
+    let mut counts = [0_u32; 20];
+    for ms in latencies {
+        counts[bucket(*ms)] += 1;
+    }
+    let total = f64::from(latencies.len() as u32);
+    let mut cumulative = 0;
+    for (index, count) in counts.iter().enumerate() {
+        cumulative += count;
+        if cumulative > 0 && f64::from(cumulative) >= q * total {
+            return BOUNDS[index];
+        }
+    }
+    0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_the_real_pipeline_then_every_endpoint_serves_its_read_model() {
+    let api = Served::start().await;
+
+    // Worlds: every world, in id order, with per-family counts of distinct events.
+    let worlds = api.ok(&["v1", "worlds"], &[]).await;
+    assert_eq!(
+        field(items(&worlds), "world_id"),
+        vec!["emberfall", "frostholm", "quiet"]
+    );
+    assert_eq!(worlds["next_cursor"], Value::Null);
+    let ember = api.ok(&["v1", "worlds", "emberfall"], &[]).await;
+    assert_eq!(ember["display_name"], "Emberfall");
+    assert_eq!(ember["seed"], 42);
+    assert_eq!(ember["regions"], json!(["north", "coast", "east"]));
+    assert_eq!(ember["status"], "running");
+    assert_eq!(ember["latest_tick"], 30);
+    assert_eq!(
+        ember["events"],
+        json!({"world": 1, "clock": 30, "weather": 5, "story": 12, "inference": 10})
+    );
+
+    // Clock: the shape it always had.
+    let clock = api.ok(&["v1", "worlds", "emberfall", "clock"], &[]).await;
+    assert_eq!(clock["world_id"], "emberfall");
+    assert_eq!(clock["tick"], 30);
+    assert_eq!(clock["game_time_s"], 1800);
+    assert_eq!(clock["season"], "spring");
+
+    // Weather now, per region in region order.
+    let now = api.ok(&["v1", "worlds", "emberfall", "weather"], &[]).await;
+    let regions: Vec<(String, String, i64)> = items(&now)
+        .iter()
+        .map(|r| {
+            (
+                r["region"].as_str().unwrap().to_owned(),
+                r["condition"].as_str().unwrap().to_owned(),
+                r["since_tick"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        regions,
+        vec![
+            ("coast".to_owned(), "rain".to_owned(), 1),
+            ("east".to_owned(), "fog".to_owned(), 5),
+            ("north".to_owned(), "clear".to_owned(), 20),
+        ]
+    );
+    assert!(items(&now).iter().all(|r| r["until_tick"].is_null()));
+    let north = api
+        .ok(&["v1", "worlds", "emberfall", "weather", "north"], &[])
+        .await;
+    assert_eq!(north["condition"], "clear");
+    assert_eq!(north["since_tick"], 20);
+    assert_eq!(north["temperature_dc"], 120);
+
+    // Weather as of a tick: the period in force then, regions not yet reporting left out.
+    let at_3 = api
+        .ok(
+            &["v1", "worlds", "emberfall", "weather"],
+            &[("at_tick", "3")],
+        )
+        .await;
+    assert_eq!(field(items(&at_3), "region"), vec!["coast", "north"]);
+    assert_eq!(items(&at_3)[1]["condition"], "clear");
+    assert_eq!(items(&at_3)[1]["until_tick"], 10);
+    let at_10 = api
+        .ok(
+            &["v1", "worlds", "emberfall", "weather"],
+            &[("at_tick", "10")],
+        )
+        .await;
+    assert_eq!(
+        field(items(&at_10), "region"),
+        vec!["coast", "east", "north"]
+    );
+    assert_eq!(items(&at_10)[2]["condition"], "snow");
+    assert_eq!(items(&at_10)[2]["since_tick"], 10);
+    assert_eq!(items(&at_10)[2]["until_tick"], 20);
+
+    // Weather history: periods overlapping the range.
+    let history = api
+        .ok(
+            &["v1", "worlds", "emberfall", "weather", "north", "history"],
+            &[],
+        )
+        .await;
+    let periods: Vec<(i64, Value, String)> = items(&history)
+        .iter()
+        .map(|p| {
+            (
+                p["valid_from_tick"].as_i64().unwrap(),
+                p["valid_to_tick"].clone(),
+                p["condition"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        periods,
+        vec![
+            (1, json!(10), "clear".to_owned()),
+            (10, json!(20), "snow".to_owned()),
+            (20, Value::Null, "clear".to_owned()),
+        ]
+    );
+    let overlapping = api
+        .ok(
+            &["v1", "worlds", "emberfall", "weather", "north", "history"],
+            &[("from_tick", "10"), ("to_tick", "19")],
+        )
+        .await;
+    assert_eq!(
+        field(items(&overlapping), "valid_from_tick"),
+        vec![&json!(10)]
+    );
+    let edge = api
+        .ok(
+            &["v1", "worlds", "emberfall", "weather", "north", "history"],
+            &[("from_tick", "9"), ("to_tick", "10")],
+        )
+        .await;
+    assert_eq!(
+        field(items(&edge), "valid_from_tick"),
+        vec![&json!(1), &json!(10)]
+    );
+    let inverted = api
+        .ok(
+            &["v1", "worlds", "emberfall", "weather", "north", "history"],
+            &[("from_tick", "20"), ("to_tick", "5")],
+        )
+        .await;
+    assert!(items(&inverted).is_empty());
+
+    // Story: progress per player, the choices log with filters, tallies.
+    let ayla = api
+        .ok(
+            &["v1", "worlds", "emberfall", "players", "ayla", "stories"],
+            &[],
+        )
+        .await;
+    assert_eq!(
+        items(&ayla)
+            .iter()
+            .map(|s| (
+                s["story_id"].as_str().unwrap(),
+                s["current_node_id"].as_str().unwrap(),
+                s["choices_made"].as_i64().unwrap()
+            ))
+            .collect::<Vec<_>>(),
+        vec![("lost-caravan", "road", 3), ("smugglers", "vault", 2)]
+    );
+    let log = api
+        .ok(&["v1", "worlds", "emberfall", "story", "choices"], &[])
+        .await;
+    assert_eq!(items(&log).len(), CHOICES.len());
+    let ticks: Vec<i64> = items(&log)
+        .iter()
+        .map(|c| c["tick"].as_i64().unwrap())
+        .collect();
+    assert!(ticks.windows(2).all(|w| w[0] <= w[1]), "ordered by tick");
+    assert_eq!(items(&log)[0]["context"], json!({"party": "3"}));
+    let filtered = api
+        .ok(
+            &["v1", "worlds", "emberfall", "story", "choices"],
+            &[
+                ("player", "ayla"),
+                ("story", "lost-caravan"),
+                ("from_tick", "3"),
+                ("to_tick", "9"),
+            ],
+        )
+        .await;
+    let expected: Vec<&str> = CHOICES
+        .iter()
+        .filter(|s| s.player == "ayla" && s.story == "lost-caravan" && (3..=9).contains(&s.tick))
+        .map(|s| s.choice)
+        .collect();
+    assert_eq!(field(items(&filtered), "choice_id"), expected);
+    let tallies = api
+        .ok(
+            &[
+                "v1",
+                "worlds",
+                "emberfall",
+                "story",
+                "lost-caravan",
+                "tallies",
+            ],
+            &[],
+        )
+        .await;
+    let mut expected_tallies: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for spec in CHOICES.iter().filter(|s| s.story == "lost-caravan") {
+        *expected_tallies
+            .entry((spec.node, spec.choice))
+            .or_default() += 1;
+    }
+    let got_tallies: BTreeMap<(&str, &str), i64> = items(&tallies)
+        .iter()
+        .map(|t| {
+            (
+                (
+                    t["node_id"].as_str().unwrap(),
+                    t["choice_id"].as_str().unwrap(),
+                ),
+                t["times"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got_tallies, expected_tallies);
+
+    // Inference log with filters and a half-open time window.
+    let log = api
+        .ok(&["v1", "worlds", "emberfall", "inferences"], &[])
+        .await;
+    assert_eq!(items(&log).len(), INFERENCES.len());
+    // BASE_MS + 10 s and + 65 s, the second written with another offset.
+    let from = "2026-09-21T14:13:10Z";
+    let to = "2026-09-21T16:14:05+02:00";
+    let window = api
+        .ok(
+            &["v1", "worlds", "emberfall", "inferences"],
+            &[
+                ("model", "npc-chat"),
+                ("purpose", "npc_dialogue"),
+                ("npc", "innkeeper"),
+                ("from", from),
+                ("to", to),
+            ],
+        )
+        .await;
+    let expected: Vec<u32> = INFERENCES
+        .iter()
+        .filter(|s| {
+            s.model == "npc-chat"
+                && s.purpose == InferencePurpose::NpcDialogue
+                && s.npc == "innkeeper"
+                && (10..65).contains(&s.offset_s)
+        })
+        .map(|s| s.latency_ms)
+        .collect();
+    let latencies: Vec<u64> = items(&window)
+        .iter()
+        .map(|x| x["latency_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        latencies,
+        expected.iter().map(|l| u64::from(*l)).collect::<Vec<_>>()
+    );
+    assert_eq!(items(&window)[0]["outcome"], "timeout");
+
+    // Inference stats over the first minute only, and over everything.
+    let first_minute = api
+        .ok(
+            &["v1", "worlds", "emberfall", "inference", "stats"],
+            &[
+                ("from", "2026-09-21T14:13:00Z"),
+                ("to", "2026-09-21T14:14:00Z"),
+            ],
+        )
+        .await;
+    check_stats(&first_minute, |s| s.offset_s < 60);
+    let all_time = api
+        .ok(&["v1", "worlds", "emberfall", "inference", "stats"], &[])
+        .await;
+    check_stats(&all_time, |_| true);
+    let narration = api
+        .ok(
+            &["v1", "worlds", "emberfall", "inference", "stats"],
+            &[("model", "narrator"), ("purpose", "narration")],
+        )
+        .await;
+    assert_eq!(items(&narration).len(), 1);
+
+    // A world that exists but has no data: 404 saying so for single resources,
+    // empty lists for lists.
+    let no_clock = api
+        .problem(
+            &["v1", "worlds", "quiet", "clock"],
+            &[],
+            StatusCode::NOT_FOUND,
+        )
+        .await;
+    assert!(no_clock["detail"].as_str().unwrap().contains("no clock"));
+    let no_weather = api
+        .problem(
+            &["v1", "worlds", "quiet", "weather", "north"],
+            &[],
+            StatusCode::NOT_FOUND,
+        )
+        .await;
+    assert!(
+        no_weather["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no weather")
+    );
+    for path in list_paths("quiet") {
+        let segments: Vec<&str> = path.iter().map(String::as_str).collect();
+        let page = api.ok(&segments, &[]).await;
+        assert_eq!(page, json!({"items": [], "next_cursor": null}), "{path:?}");
+    }
+
+    // Pagination: walking every list with tiny pages yields exactly the full list.
+    for path in list_paths("emberfall") {
+        let segments: Vec<&str> = path.iter().map(String::as_str).collect();
+        let whole = items(&api.ok(&segments, &[("limit", "500")]).await).clone();
+        assert!(!whole.is_empty(), "{path:?} has data");
+        for limit in [1, 2, 3] {
+            let walked = api.walk(&segments, &[], limit).await;
+            assert_eq!(walked, whole, "{path:?} walked with limit {limit}");
+        }
+        let distinct: BTreeSet<String> = whole.iter().map(Value::to_string).collect();
+        assert_eq!(distinct.len(), whole.len(), "{path:?} has no duplicates");
+    }
+    let default_page = api
+        .ok(&["v1", "worlds", "emberfall", "story", "choices"], &[])
+        .await;
+    assert_eq!(
+        default_page["next_cursor"],
+        Value::Null,
+        "12 fit in the default 50"
+    );
+    let filtered_walk = api
+        .walk(
+            &["v1", "worlds", "emberfall", "story", "choices"],
+            &[("player", "cato")],
+            1,
+        )
+        .await;
+    assert_eq!(
+        field(&filtered_walk, "player_id"),
+        vec![&json!("cato"); 4],
+        "filters hold across pages"
+    );
+
+    // The document, the docs page, metrics and readiness.
+    let doc = api.ok(&["openapi.json"], &[]).await;
+    assert_eq!(doc["openapi"], "3.1.0");
+    for route in ROUTES {
+        let operation = &doc["paths"][route]["get"];
+        assert!(operation.is_object(), "{route} is documented");
+        for status in ["200", "400", "503"] {
+            assert!(
+                operation["responses"][status].is_object(),
+                "{route} {status}"
+            );
+        }
+    }
+    assert!(doc["components"]["schemas"]["Problem"].is_object());
+    let page = api
+        .http
+        .get(api.url(&["docs"], &[]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("\"openapi\":\"3.1.0\""),
+        "the document is inlined"
+    );
+    assert!(
+        !page.contains("<script src") && !page.contains("<link"),
+        "nothing is fetched"
+    );
+    let metrics = api
+        .http
+        .get(api.url(&["metrics"], &[]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("worldline_http_requests_total")
+                && l.contains("route=\"/v1/worlds/{world}/clock\"")
+                && l.contains("status=\"200\"")
+                && l.contains("method=\"GET\"")),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "worldline_http_request_duration_seconds_bucket{route=\"/v1/worlds/{world}/story/choices\""
+    ));
+    let ready = api.url(&["readyz"], &[]);
+    let http = api.http.clone();
+    eventually(Duration::from_secs(10), "readiness", || {
+        let (http, ready) = (http.clone(), ready.clone());
+        async move {
+            let response = http.get(ready).send().await.ok()?;
+            (response.status() == StatusCode::OK).then_some(())
+        }
+    })
+    .await;
+
+    api.stop().await;
+}
+
+fn check_stats(page: &Value, in_window: impl Fn(&InferenceSpec) -> bool) {
+    let mut expected: BTreeMap<(&str, &str), Vec<&InferenceSpec>> = BTreeMap::new();
+    for spec in INFERENCES.iter().filter(|s| in_window(s)) {
+        expected
+            .entry((spec.model, purpose_name(spec.purpose)))
+            .or_default()
+            .push(spec);
+    }
+    let got: Vec<(&str, &str)> = items(page)
+        .iter()
+        .map(|s| {
+            (
+                s["model_id"].as_str().unwrap(),
+                s["purpose"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected.keys().copied().collect::<Vec<_>>());
+    for (stats, specs) in items(page).iter().zip(expected.values()) {
+        let latencies: Vec<u32> = specs.iter().map(|s| s.latency_ms).collect();
+        assert_eq!(stats["inferences"], specs.len());
+        assert_eq!(
+            stats["failures"],
+            specs
+                .iter()
+                .filter(|s| s.outcome != InferenceOutcome::Ok)
+                .count()
+        );
+        assert_eq!(stats["prompt_tokens"], 300 * specs.len());
+        assert_eq!(stats["cost_micro_usd"], 950 * specs.len());
+        let latency = &stats["latency"];
+        assert_eq!(latency["max_ms"], *latencies.iter().max().unwrap());
+        assert_eq!(latency["p50_ms"], quantile(&latencies, 0.5), "{stats}");
+        assert_eq!(latency["p95_ms"], quantile(&latencies, 0.95), "{stats}");
+        assert_eq!(latency["p99_ms"], quantile(&latencies, 0.99), "{stats}");
+        let histogram: i64 = latency["histogram"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_i64().unwrap())
+            .sum();
+        assert_eq!(histogram, specs.len() as i64);
+    }
+}
+
+/// Every documented route.
+const ROUTES: [&str; 11] = [
+    "/v1/worlds",
+    "/v1/worlds/{world}",
+    "/v1/worlds/{world}/clock",
+    "/v1/worlds/{world}/weather",
+    "/v1/worlds/{world}/weather/{region}",
+    "/v1/worlds/{world}/weather/{region}/history",
+    "/v1/worlds/{world}/players/{player}/stories",
+    "/v1/worlds/{world}/story/choices",
+    "/v1/worlds/{world}/story/{story}/tallies",
+    "/v1/worlds/{world}/inferences",
+    "/v1/worlds/{world}/inference/stats",
+];
+
+/// Every per-world list, as path segments, with ids that have data in emberfall.
+fn list_paths(world: &str) -> Vec<Vec<String>> {
+    let paths: [&[&str]; 8] = [
+        &["weather"],
+        &["weather", "north", "history"],
+        &["players", "ayla", "stories"],
+        &["story", "choices"],
+        &["story", "lost-caravan", "tallies"],
+        &["inferences"],
+        &["inference", "stats"],
+        &["weather", "coast", "history"],
+    ];
+    paths
+        .iter()
+        .map(|rest| {
+            ["v1", "worlds", world]
+                .iter()
+                .chain(rest.iter())
+                .map(|s| (*s).to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+/// A request with a `{}` placeholder: `(segments, query, name of the slot)`.
+type Slot = (
+    Vec<&'static str>,
+    Vec<(&'static str, &'static str)>,
+    &'static str,
+);
+
+/// A bad request and the parameter its 400 must name: `(segments, query, parameter)`.
+type BadCase<'a> = (&'a [&'a str], Vec<(&'a str, &'a str)>, &'a str);
+
+/// Every route with a placeholder for one path segment or query parameter.
+fn slots() -> Vec<Slot> {
+    let w = "emberfall";
+    let mut slots = vec![
+        (vec!["v1", "worlds", "{}"], vec![], "world"),
+        (vec!["v1", "worlds", "{}", "clock"], vec![], "world"),
+        (vec!["v1", "worlds", "{}", "weather"], vec![], "world"),
+        (vec!["v1", "worlds", w, "weather", "{}"], vec![], "region"),
+        (
+            vec!["v1", "worlds", "{}", "weather", "north"],
+            vec![],
+            "world",
+        ),
+        (
+            vec!["v1", "worlds", w, "weather", "{}", "history"],
+            vec![],
+            "region",
+        ),
+        (
+            vec!["v1", "worlds", w, "players", "{}", "stories"],
+            vec![],
+            "player",
+        ),
+        (
+            vec!["v1", "worlds", "{}", "players", "ayla", "stories"],
+            vec![],
+            "world",
+        ),
+        (
+            vec!["v1", "worlds", w, "story", "{}", "tallies"],
+            vec![],
+            "story",
+        ),
+        (
+            vec!["v1", "worlds", "{}", "story", "choices"],
+            vec![],
+            "world",
+        ),
+        (vec!["v1", "worlds", "{}", "inferences"], vec![], "world"),
+        (
+            vec!["v1", "worlds", "{}", "inference", "stats"],
+            vec![],
+            "world",
+        ),
+    ];
+    let query_slots: [(&[&'static str], &'static str); 17] = [
+        (&["weather"], "at_tick"),
+        (&["weather"], "limit"),
+        (&["weather"], "cursor"),
+        (&["weather", "north", "history"], "from_tick"),
+        (&["weather", "north", "history"], "to_tick"),
+        (&["story", "choices"], "player"),
+        (&["story", "choices"], "story"),
+        (&["story", "choices"], "from_tick"),
+        (&["story", "choices"], "cursor"),
+        (&["inferences"], "model"),
+        (&["inferences"], "purpose"),
+        (&["inferences"], "npc"),
+        (&["inferences"], "from"),
+        (&["inferences"], "to"),
+        (&["inferences"], "cursor"),
+        (&["inference", "stats"], "model"),
+        (&["inference", "stats"], "to"),
+    ];
+    for (rest, name) in query_slots {
+        let mut segments = vec!["v1", "worlds", w];
+        segments.extend_from_slice(rest);
+        slots.push((segments, vec![(name, "{}")], name));
+    }
+    slots.push((vec!["v1", "worlds"], vec![("cursor", "{}")], "cursor"));
+    slots.push((vec!["v1", "worlds"], vec![("limit", "{}")], "limit"));
+    slots
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_bad_or_hostile_input_then_a_problem_naming_it_and_never_a_5xx_or_another_worlds_rows()
+ {
+    let api = Served::start().await;
+
+    // An unknown world is a 404 on every per-world route.
+    for route in &ROUTES[1..] {
+        let path = route
+            .replace("{world}", "atlantis")
+            .replace("{region}", "north")
+            .replace("{player}", "ayla")
+            .replace("{story}", "lost-caravan");
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let problem = api.problem(&segments, &[], StatusCode::NOT_FOUND).await;
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("does not exist"),
+            "{route}: {problem}"
+        );
+    }
+
+    // A bad parameter is a 400 that names it.
+    let choices = ["v1", "worlds", "emberfall", "story", "choices"];
+    let inferences = ["v1", "worlds", "emberfall", "inferences"];
+    let history = ["v1", "worlds", "emberfall", "weather", "north", "history"];
+    let other_cursor = {
+        let page = api.ok(&["v1", "worlds"], &[("limit", "1")]).await;
+        page["next_cursor"].as_str().unwrap().to_owned()
+    };
+    let cases: Vec<BadCase<'_>> = vec![
+        (&history, vec![("from_tick", "-1")], "from_tick"),
+        (&history, vec![("to_tick", "ten")], "to_tick"),
+        (
+            &history,
+            vec![("to_tick", "9223372036854775808")],
+            "to_tick",
+        ),
+        (&choices, vec![("from_tick", "1.5")], "from_tick"),
+        (
+            &["v1", "worlds", "emberfall", "weather"],
+            vec![("at_tick", "-5")],
+            "at_tick",
+        ),
+        (&choices, vec![("limit", "0")], "limit"),
+        (&choices, vec![("limit", "501")], "limit"),
+        (&choices, vec![("limit", "1"), ("limit", "2")], "limit"),
+        (&choices, vec![("cursor", "not-a-cursor")], "cursor"),
+        (&choices, vec![("cursor", &other_cursor)], "cursor"),
+        (&choices, vec![("player", "")], "player"),
+        (&choices, vec![("story", "a b")], "story"),
+        (&inferences, vec![("from", "yesterday")], "from"),
+        (&inferences, vec![("to", "2026-13-01T00:00:00Z")], "to"),
+        (&inferences, vec![("purpose", "poetry")], "purpose"),
+        (&inferences, vec![("model", "x/y")], "model"),
+        (&inferences, vec![("npc", "😀")], "npc"),
+        (&["v1", "worlds", "bad world"], vec![], "world"),
+        (
+            &["v1", "worlds", "emberfall", "weather", "no/rth"],
+            vec![],
+            "region",
+        ),
+    ];
+    for (segments, query, parameter) in cases {
+        let problem = api.problem(segments, &query, StatusCode::BAD_REQUEST).await;
+        assert_eq!(
+            problem["parameter"], parameter,
+            "{segments:?} {query:?}: {problem}"
+        );
+        assert_eq!(problem["title"], "Bad parameter");
+    }
+
+    // Hostile strings in every slot: never a 5xx, never the other world's rows.
+    let long = "a".repeat(10_000);
+    let hostile = [
+        "' OR 1=1 --",
+        "emberfall' OR world_id <> 'emberfall",
+        "\0",
+        "%00",
+        "%",
+        "_",
+        "../frostholm",
+        "ümlaut-🙂",
+        "emberfall;DROP TABLE worlds.worlds",
+        "$1",
+        "9223372036854775807",
+        long.as_str(),
+    ];
+    for (segments, query, slot) in slots() {
+        for value in hostile {
+            let segments: Vec<&str> = segments
+                .iter()
+                .map(|s| if *s == "{}" { value } else { *s })
+                .collect();
+            let query: Vec<(&str, &str)> = query
+                .iter()
+                .map(|(k, v)| (*k, if *v == "{}" { value } else { *v }))
+                .collect();
+            let url = api.url(&segments, &query);
+            let (status, _, body) = api.get_url(url.clone()).await;
+            assert!(
+                !status.is_server_error(),
+                "{slot}={value:.40}: {status} {body}"
+            );
+            let text = body.to_string();
+            for marker in OTHER_WORLD_MARKERS {
+                assert!(
+                    !text.contains(marker),
+                    "{slot}={value:.40} leaked {marker}: {text:.300}"
+                );
+            }
+        }
+    }
+    // The tables are still there.
+    api.ok(&["v1", "worlds", "emberfall"], &[]).await;
+
+    // Routes and methods that do not exist are problems too.
+    api.problem(&["v1", "nowhere"], &[], StatusCode::NOT_FOUND)
+        .await;
+    let response = api
+        .http
+        .post(api.url(&["v1", "worlds"], &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+
+    api.stop().await;
+}

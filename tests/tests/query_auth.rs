@@ -1,0 +1,300 @@
+//! Auth on the query API as `worldline serve` builds it: the matrix of
+//! credentials on every `/v1` read endpoint, and the per-token rate limit.
+
+#![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use worldline_ops::Health;
+use worldline_ops::config::{JwtSettings, StaticToken};
+use worldline_producers::{Appender, AppenderOptions};
+use worldline_schemas::WorldId;
+use worldline_schemas::envelope::new_envelope;
+use worldline_schemas::pb::WorldCreated;
+use worldline_schemas::pb::envelope::Body;
+use worldline_tests::{Running, TestEnv, eventually};
+
+const WORLD: &str = "emberfall";
+const HS_SECRET: &str = "an-hs256-secret-of-at-least-32-bytes";
+const RSA_PRIVATE: &str = include_str!("../fixtures/jwt/rs256-private.pem");
+const RSA_PUBLIC: &str = include_str!("../fixtures/jwt/rs256-public.pem");
+
+/// Every `/v1` read endpoint, with `{w}` for the world.
+const ENDPOINTS: [&str; 11] = [
+    "/v1/worlds",
+    "/v1/worlds/{w}",
+    "/v1/worlds/{w}/clock",
+    "/v1/worlds/{w}/weather",
+    "/v1/worlds/{w}/weather/north",
+    "/v1/worlds/{w}/weather/north/history",
+    "/v1/worlds/{w}/players/ayla/stories",
+    "/v1/worlds/{w}/story/choices",
+    "/v1/worlds/{w}/story/intro/tallies",
+    "/v1/worlds/{w}/inferences",
+    "/v1/worlds/{w}/inference/stats",
+];
+
+fn token(name: &str, secret: &str, scopes: &[&str], worlds: Option<&[&str]>) -> StaticToken {
+    StaticToken {
+        name: name.to_owned(),
+        token: secret.to_owned(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        worlds: worlds.map(|ws| ws.iter().map(|w| (*w).to_owned()).collect()),
+    }
+}
+
+fn jwt(algorithm: Algorithm, overrides: Value) -> String {
+    let now = get_current_timestamp();
+    let mut claims = json!({
+        "iss": "https://id.example", "aud": "worldline", "sub": "svc",
+        "exp": now + 300, "nbf": now - 5, "scope": "read",
+    });
+    if let Value::Object(overrides) = overrides {
+        for (key, value) in overrides {
+            claims[key] = value;
+        }
+    }
+    let key = match algorithm {
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+        _ => EncodingKey::from_secret(HS_SECRET.as_bytes()),
+    };
+    encode(&Header::new(algorithm), &claims, &key).unwrap()
+}
+
+struct Served {
+    env: TestEnv,
+    projector: Option<Running>,
+    shutdown: CancellationToken,
+    base: String,
+    http: reqwest::Client,
+}
+
+async fn serve(configure: impl FnOnce(&mut TestEnv), with_world: bool) -> Served {
+    let mut env = TestEnv::new(1).await;
+    configure(&mut env);
+    let mut projector = None;
+    if with_world {
+        let appender = Appender::new(
+            &env.settings.kafka,
+            AppenderOptions {
+                topic_prefix: env.settings.topics.prefix.clone(),
+                ..AppenderOptions::default()
+            },
+        )
+        .unwrap();
+        let world = WorldId::parse(WORLD).unwrap();
+        let created = Body::WorldCreated(WorldCreated {
+            display_name: "Emberfall".to_owned(),
+            seed: 1,
+            time_scale: 60,
+            tick_interval_ms: 1000,
+            regions: vec!["north".to_owned()],
+        });
+        appender
+            .append(&new_envelope(&world, 0, "test", created))
+            .await
+            .unwrap();
+        // Every read model's schema must exist for the valid cases to get 200s.
+        let all = worldline_projectors::registry::all();
+        let running: Vec<Running> = all.iter().map(|p| env.start_projector(p.clone())).collect();
+        for p in &all {
+            let env = &env;
+            eventually(Duration::from_secs(60), p.name(), || async move {
+                env.caught_up(p.name(), p.as_ref()).await.then_some(())
+            })
+            .await;
+        }
+        let mut running = running.into_iter();
+        projector = running.next();
+        for other in running {
+            other.stop().await;
+        }
+    }
+    let app = worldline_query_api::build(&env.settings, Health::default())
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let (addr, _task) =
+        worldline_ops::health::serve(SocketAddr::from(([127, 0, 0, 1], 0)), app, shutdown.clone())
+            .await
+            .unwrap();
+    Served {
+        env,
+        projector,
+        shutdown,
+        base: format!("http://{addr}"),
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Served {
+    async fn get(&self, path: &str, authorization: Option<&str>) -> reqwest::Response {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        if let Some(value) = authorization {
+            request = request.header("Authorization", value);
+        }
+        request.send().await.unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.projector {
+            running.stop().await;
+        }
+        self.env.cleanup().await;
+    }
+}
+
+fn configure_matrix(env: &mut TestEnv) {
+    env.settings.auth.tokens = vec![
+        token("reader", "r3ader", &["read"], None),
+        token("writer", "wr1ter", &["ingest"], None),
+        token("frost-reader", "fr0st", &["read"], Some(&["frostholm"])),
+    ];
+    env.settings.auth.jwt = Some(JwtSettings {
+        issuer: "https://id.example".to_owned(),
+        audience: "worldline".to_owned(),
+        hs256_secret: Some(HS_SECRET.to_owned()),
+        rs256_public_key_pem: Some(RSA_PUBLIC.to_owned()),
+        leeway_seconds: 30,
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_read_endpoint_enforces_the_auth_matrix() {
+    let served = serve(configure_matrix, true).await;
+    let expired = format!(
+        "Bearer {}",
+        jwt(
+            Algorithm::HS256,
+            json!({"exp": get_current_timestamp() - 120})
+        )
+    );
+    let wrong_audience = format!("Bearer {}", jwt(Algorithm::HS256, json!({"aud": "other"})));
+    let hs = format!("Bearer {}", jwt(Algorithm::HS256, json!({})));
+    let rs = format!("Bearer {}", jwt(Algorithm::RS256, json!({})));
+    let challenge = "Bearer realm=\"worldline\"";
+    let invalid = "Bearer realm=\"worldline\", error=\"invalid_token\"";
+    for endpoint in ENDPOINTS {
+        let path = endpoint.replace("{w}", WORLD);
+        let per_world = endpoint.contains("{w}");
+        for (case, authorization, status, www) in [
+            ("none", None, 401, Some(challenge)),
+            ("malformed", Some("Bearer two words"), 401, Some(invalid)),
+            (
+                "not bearer",
+                Some("Basic dXNlcjpwYXNz"),
+                401,
+                Some(challenge),
+            ),
+            ("unknown static", Some("Bearer n0pe"), 401, Some(invalid)),
+            ("expired jwt", Some(expired.as_str()), 401, Some(invalid)),
+            (
+                "jwt wrong aud",
+                Some(wrong_audience.as_str()),
+                401,
+                Some(invalid),
+            ),
+            ("wrong scope", Some("Bearer wr1ter"), 403, None),
+        ] {
+            let response = served.get(&path, authorization).await;
+            assert_eq!(response.status().as_u16(), status, "{case} on {endpoint}");
+            assert_eq!(
+                response.headers()["content-type"],
+                "application/problem+json",
+                "{case} on {endpoint}"
+            );
+            if let Some(www) = www {
+                assert_eq!(
+                    response.headers()["www-authenticate"],
+                    www,
+                    "{case} on {endpoint}"
+                );
+            }
+        }
+        for (case, authorization) in [
+            ("valid static", "Bearer r3ader"),
+            ("valid jwt hs256", hs.as_str()),
+            ("valid jwt rs256", rs.as_str()),
+        ] {
+            let response = served.get(&path, Some(authorization)).await;
+            let status = response.status();
+            let body: Value = response.json().await.unwrap();
+            // A single resource the world lacks (clock, a region's weather) is a
+            // 404 from the handler, never the unknown-world one.
+            assert!(
+                status == StatusCode::OK
+                    || (status == StatusCode::NOT_FOUND
+                        && !body["detail"].as_str().unwrap().contains("does not exist")),
+                "{case} on {endpoint}: {status} {body}"
+            );
+        }
+        if per_world {
+            let hidden = served.get(&path, Some("Bearer fr0st")).await;
+            assert_eq!(
+                hidden.status(),
+                StatusCode::NOT_FOUND,
+                "another world on {endpoint}"
+            );
+            let hidden: Value = hidden.json().await.unwrap();
+            let ghost = served
+                .get(&endpoint.replace("{w}", "ghost"), Some("Bearer r3ader"))
+                .await;
+            let ghost: Value = ghost.json().await.unwrap();
+            let unknown = serde_json::to_string(&ghost)
+                .unwrap()
+                .replace("ghost", WORLD);
+            assert_eq!(
+                serde_json::to_string(&hidden).unwrap(),
+                unknown,
+                "another world on {endpoint} answers like an unknown world"
+            );
+        }
+    }
+    // Operations endpoints stay open.
+    for path in ["/livez", "/openapi.json"] {
+        assert_eq!(
+            served.get(path, None).await.status(),
+            StatusCode::OK,
+            "{path}"
+        );
+    }
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_over_its_rate_gets_429_with_retry_after() {
+    let served = serve(
+        |env| {
+            env.settings.auth.tokens = vec![
+                token("busy", "bu5y", &["read"], None),
+                token("calm", "ca1m", &["read"], None),
+            ];
+            env.settings.auth.rate_limit_per_second = 0.01;
+            env.settings.auth.rate_limit_burst = 2;
+        },
+        false,
+    )
+    .await;
+    for _ in 0..2 {
+        let response = served.get("/v1/worlds/x/clock", Some("Bearer bu5y")).await;
+        assert_ne!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+    let limited = served.get("/v1/worlds/x/clock", Some("Bearer bu5y")).await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "Retry-After {retry}");
+    // Another token has its own bucket.
+    let calm = served.get("/v1/worlds/x/clock", Some("Bearer ca1m")).await;
+    assert_ne!(calm.status(), StatusCode::TOO_MANY_REQUESTS);
+    served.stop().await;
+}

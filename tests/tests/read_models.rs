@@ -1,0 +1,322 @@
+//! Every read model on the real stack, fed a mixed workload with duplicates.
+
+#![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use worldline_producers::{Appender, AppenderOptions};
+use worldline_projectors::Projector;
+use worldline_projectors::read_models::inference::InferenceProjector;
+use worldline_projectors::read_models::story::StoryProjector;
+use worldline_projectors::read_models::weather::WeatherProjector;
+use worldline_projectors::read_models::worlds::WorldsProjector;
+use worldline_schemas::WorldId;
+use worldline_schemas::envelope::new_envelope;
+use worldline_schemas::pb::envelope::Body;
+use worldline_schemas::pb::{
+    ClockTicked, Envelope, InferenceOutcome, InferencePurpose, InferenceRecorded, Season,
+    StoryChoiceMade, WeatherChanged, WeatherCondition, WorldCreated,
+};
+use worldline_tests::{TestEnv, eventually};
+
+fn weather(
+    world: &WorldId,
+    tick: u64,
+    region: &str,
+    condition: WeatherCondition,
+    previous: WeatherCondition,
+) -> Envelope {
+    new_envelope(
+        world,
+        tick,
+        "weather",
+        Body::WeatherChanged(WeatherChanged {
+            region: region.to_owned(),
+            condition: condition as i32,
+            temperature_dc: 125,
+            wind_dmps: 40,
+            precipitation_dmmph: 0,
+            previous_condition: previous as i32,
+            ..Default::default()
+        }),
+    )
+}
+
+fn choice(
+    world: &WorldId,
+    tick: u64,
+    player: &str,
+    node: &str,
+    choice: &str,
+    next: &str,
+) -> Envelope {
+    new_envelope(
+        world,
+        tick,
+        "game-server",
+        Body::StoryChoiceMade(StoryChoiceMade {
+            player_id: player.to_owned(),
+            story_id: "lost-caravan".to_owned(),
+            node_id: node.to_owned(),
+            choice_id: choice.to_owned(),
+            next_node_id: next.to_owned(),
+            context: [("party".to_owned(), "3".to_owned())].into(),
+        }),
+    )
+}
+
+fn inference(world: &WorldId, tick: u64, latency_ms: u32, outcome: InferenceOutcome) -> Envelope {
+    let mut envelope = new_envelope(
+        world,
+        tick,
+        "npc-runtime",
+        Body::InferenceRecorded(InferenceRecorded {
+            model_id: "npc-chat".to_owned(),
+            model_version: "2026-10".to_owned(),
+            purpose: InferencePurpose::NpcDialogue as i32,
+            prompt_tokens: 300,
+            completion_tokens: 80,
+            latency_ms,
+            cost_micro_usd: 950,
+            outcome: outcome as i32,
+            npc_id: "innkeeper".to_owned(),
+            input_hash: "ab12".to_owned(),
+        }),
+    );
+    // One fixed minute, so all land in one statistics bucket.
+    envelope.occurred_at_ms = 1_790_000_000_000 + tick as i64;
+    envelope
+}
+
+async fn scalar(env: &TestEnv, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(&env.pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_mixed_workload_with_redeliveries_then_every_read_model_counts_each_event_once() {
+    let env = TestEnv::new(2).await;
+    let world = WorldId::parse("emberfall").unwrap();
+    let appender = Appender::new(
+        &env.settings.kafka,
+        AppenderOptions {
+            topic_prefix: env.settings.topics.prefix.clone(),
+            ..AppenderOptions::default()
+        },
+    )
+    .unwrap();
+    use WeatherCondition::{Clear, Rain, Snow, Unspecified};
+    let created = new_envelope(
+        &world,
+        0,
+        "admin",
+        Body::WorldCreated(WorldCreated {
+            display_name: "Emberfall".to_owned(),
+            seed: 42,
+            time_scale: 60,
+            tick_interval_ms: 1000,
+            regions: vec!["north".to_owned(), "coast".to_owned()],
+        }),
+    );
+    let ticks: Vec<Envelope> = (1..=30)
+        .map(|t| {
+            new_envelope(
+                &world,
+                t,
+                "clock",
+                Body::ClockTicked(ClockTicked {
+                    game_time_s: t * 60,
+                    day: 0,
+                    season: Season::Spring as i32,
+                    time_scale: 60,
+                }),
+            )
+        })
+        .collect();
+    let weather_events = [
+        weather(&world, 1, "north", Clear, Unspecified),
+        weather(&world, 1, "coast", Rain, Unspecified),
+        weather(&world, 10, "north", Snow, Clear),
+        weather(&world, 20, "north", Clear, Snow),
+    ];
+    let choices = [
+        choice(&world, 3, "ayla", "start", "help", "camp"),
+        choice(&world, 4, "bren", "start", "ignore", ""),
+        choice(&world, 6, "ayla", "camp", "rest", "ambush"),
+    ];
+    let inferences = [
+        inference(&world, 2, 40, InferenceOutcome::Ok),
+        inference(&world, 3, 180, InferenceOutcome::Ok),
+        inference(&world, 5, 900, InferenceOutcome::Timeout),
+    ];
+    let mut all = vec![created];
+    all.extend(ticks.iter().cloned());
+    all.extend(weather_events.iter().cloned());
+    all.extend(choices.iter().cloned());
+    all.extend(inferences.iter().cloned());
+    // Producer retries: the same events again, later in the log.
+    let redelivered = [
+        ticks[29].clone(),
+        weather_events[2].clone(),
+        choices[0].clone(),
+        inferences[1].clone(),
+    ];
+    all.extend(redelivered.iter().cloned());
+    for result in appender.append_batch(&all).await {
+        result.unwrap();
+    }
+
+    let projectors: Vec<Arc<dyn Projector>> = vec![
+        Arc::new(WorldsProjector),
+        Arc::new(WeatherProjector),
+        Arc::new(StoryProjector),
+        Arc::new(InferenceProjector),
+    ];
+    let running: Vec<_> = projectors
+        .into_iter()
+        .map(|p| env.start_projector(p))
+        .collect();
+    let total = all.len() as i64;
+    let pool = env.pool.clone();
+    eventually(
+        Duration::from_secs(30),
+        "every record to be applied",
+        || {
+            let pool = pool.clone();
+            async move {
+                let applied: i64 = sqlx::query_scalar(
+                    "SELECT COALESCE(SUM(records_applied), 0)::bigint FROM worlds.worlds",
+                )
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                let inferences: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM inference.inferences")
+                        .fetch_one(&pool)
+                        .await
+                        .ok()?;
+                let choices: i64 = sqlx::query_scalar("SELECT count(*) FROM story.choices")
+                    .fetch_one(&pool)
+                    .await
+                    .ok()?;
+                let weather: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM weather.weather_history")
+                        .fetch_one(&pool)
+                        .await
+                        .ok()?;
+                (applied == total && inferences == 3 && choices == 3 && weather == 4).then_some(())
+            }
+        },
+    )
+    .await;
+    // Let any in-flight batch of the redelivered events land before checking.
+    for projector in running {
+        projector.stop().await;
+    }
+
+    // worlds: counts are per distinct event; records_applied counts every record.
+    let row: (String, i64, i64, i64, i64, i64, i64, i64, String, serde_json::Value) = sqlx::query_as(
+        "SELECT display_name, latest_tick, world_events, clock_events, weather_events, story_events,
+                inference_events, records_applied, status, regions
+           FROM worlds.worlds WHERE world_id = 'emberfall'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(row.0, "Emberfall");
+    assert_eq!(row.1, 30);
+    assert_eq!((row.2, row.3, row.4, row.5, row.6), (1, 30, 4, 3, 3));
+    assert_eq!(row.7, total, "every record applied exactly once");
+    assert_eq!(row.8, "running");
+    assert_eq!(row.9, serde_json::json!(["north", "coast"]));
+
+    // weather: current per region, and history periods closed by their successors.
+    let current: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT region, condition, since_tick FROM weather.current_weather ORDER BY region",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        current,
+        vec![
+            ("coast".to_owned(), "rain".to_owned(), 1),
+            ("north".to_owned(), "clear".to_owned(), 20)
+        ]
+    );
+    let periods: Vec<(i64, Option<i64>, String)> = sqlx::query_as(
+        "SELECT valid_from_tick, valid_to_tick, condition FROM weather.weather_history
+          WHERE region = 'north' ORDER BY valid_from_tick",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        periods,
+        vec![
+            (1, Some(10), "clear".to_owned()),
+            (10, Some(20), "snow".to_owned()),
+            (20, None, "clear".to_owned())
+        ]
+    );
+    let as_of_15: String = sqlx::query_scalar(
+        "SELECT condition FROM weather.weather_history
+          WHERE world_id = 'emberfall' AND region = 'north' AND valid_from_tick <= 15
+          ORDER BY valid_from_tick DESC LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(as_of_15, "snow");
+
+    // story: progress follows the latest choice; tallies count each choice once.
+    let progress: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT player_id, current_node_id, choices_made FROM story.player_progress ORDER BY player_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        progress,
+        vec![
+            ("ayla".to_owned(), "ambush".to_owned(), 2),
+            ("bren".to_owned(), String::new(), 1)
+        ]
+    );
+    assert_eq!(
+        scalar(
+            &env,
+            "SELECT times FROM story.node_tallies WHERE node_id = 'start' AND choice_id = 'help'"
+        )
+        .await,
+        1
+    );
+
+    // inference: one stats bucket (same minute), each inference once, quantiles from the histogram.
+    let stats: (i64, i64, i64, i64, i32, i32, i32) = sqlx::query_as(
+        "SELECT sum(inferences)::bigint, sum(failures)::bigint, sum(prompt_tokens)::bigint,
+                sum(cost_micro_usd)::bigint,
+                inference.histogram_quantile(
+                    (SELECT latency_histogram FROM inference.model_stats LIMIT 1), 0.5),
+                inference.histogram_quantile(
+                    (SELECT latency_histogram FROM inference.model_stats LIMIT 1), 0.99),
+                max(latency_max_ms)
+           FROM inference.model_stats",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        scalar(&env, "SELECT count(*) FROM inference.model_stats").await,
+        1
+    );
+    assert_eq!(stats.0, 3);
+    assert_eq!(stats.1, 1, "the timeout counts as a failure");
+    assert_eq!(stats.2, 900);
+    assert_eq!(stats.3, 2850);
+    assert_eq!(stats.4, 200, "p50 falls in the 150–200 ms bucket");
+    assert_eq!(stats.5, 1000, "p99 falls in the 750–1000 ms bucket");
+    assert_eq!(stats.6, 900);
+
+    env.cleanup().await;
+}

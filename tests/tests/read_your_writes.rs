@@ -1,0 +1,297 @@
+//! Read-your-writes: the ingest gateway and the query API (built from settings,
+//! as `worldline serve` builds it) on one port, every projector in-process. A
+//! query carrying the consistency token of an append sees that append.
+
+#![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use worldline_ops::Health;
+use worldline_ops::config::StaticToken;
+use worldline_producers::gateway::{GatewayState, router as gateway_router};
+use worldline_producers::{Appender, AppenderOptions};
+use worldline_schemas::WorldId;
+use worldline_schemas::envelope::new_envelope;
+use worldline_schemas::pb::WorldCreated;
+use worldline_schemas::pb::envelope::Body;
+use worldline_tests::{Running, TestEnv, eventually};
+
+const WORLD: &str = "emberfall";
+const TOKEN: &str = "ryw-token";
+const BOUND_MS: u64 = 1500;
+const READY_MAX_LAG: u64 = 5;
+
+struct Served {
+    env: TestEnv,
+    projectors: Vec<Running>,
+    shutdown: CancellationToken,
+    base: String,
+    http: reqwest::Client,
+}
+
+async fn serve(run_projectors: bool) -> Served {
+    let mut env = TestEnv::new(2).await;
+    env.settings.auth.tokens.push(StaticToken {
+        name: "game".to_owned(),
+        token: TOKEN.to_owned(),
+        scopes: vec!["read".to_owned(), "ingest".to_owned()],
+        worlds: None,
+    });
+    env.settings.http.read_your_writes_timeout_ms = BOUND_MS;
+    // Low, so the lag test can push a projector past it.
+    env.settings.http.ready_max_lag_records = READY_MAX_LAG;
+    let appender = Appender::new(
+        &env.settings.kafka,
+        AppenderOptions {
+            topic_prefix: env.settings.topics.prefix.clone(),
+            ..AppenderOptions::default()
+        },
+    )
+    .unwrap();
+    let world = WorldId::parse(WORLD).unwrap();
+    appender
+        .append(&new_envelope(
+            &world,
+            0,
+            "test",
+            Body::WorldCreated(WorldCreated {
+                display_name: "Emberfall".to_owned(),
+                seed: 1,
+                time_scale: 60,
+                tick_interval_ms: 1000,
+                regions: vec!["north".to_owned()],
+            }),
+        ))
+        .await
+        .unwrap();
+    let all = worldline_projectors::registry::all();
+    // The schemas (and projector_offsets) exist once each projector has run.
+    let mut projectors: Vec<Running> = all.iter().map(|p| env.start_projector(p.clone())).collect();
+    for projector in &all {
+        let env = &env;
+        eventually(
+            Duration::from_secs(60),
+            &format!("{} to catch up", projector.name()),
+            || async move {
+                env.caught_up(projector.name(), projector.as_ref())
+                    .await
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    if !run_projectors {
+        for running in projectors.drain(..) {
+            running.stop().await;
+        }
+    }
+    let query = worldline_query_api::build(&env.settings, Health::default())
+        .await
+        .unwrap();
+    let gateway = GatewayState::from_settings(&env.settings).unwrap();
+    let app = query.merge(gateway_router(gateway));
+    let shutdown = CancellationToken::new();
+    let (addr, _task) =
+        worldline_ops::health::serve(SocketAddr::from(([127, 0, 0, 1], 0)), app, shutdown.clone())
+            .await
+            .unwrap();
+    Served {
+        env,
+        projectors,
+        shutdown,
+        base: format!("http://{addr}"),
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Served {
+    /// Appends a story choice through the gateway; returns its consistency token.
+    async fn choose(&self, player: &str) -> String {
+        let response = self
+            .http
+            .post(format!("{}/v1/worlds/{WORLD}/events", self.base))
+            .bearer_auth(TOKEN)
+            .json(&json!({
+                "type": "StoryChoiceMade",
+                "world_tick": 1,
+                "data": {
+                    "player_id": player,
+                    "story_id": "intro",
+                    "node_id": "start",
+                    "choice_id": "wave",
+                }
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "append");
+        let body: Value = response.json().await.unwrap();
+        body["consistency_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn stories(&self, player: &str, token: &str) -> reqwest::Response {
+        self.http
+            .get(format!(
+                "{}/v1/worlds/{WORLD}/players/{player}/stories",
+                self.base
+            ))
+            .bearer_auth(TOKEN)
+            .header("X-Consistency-Token", token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for running in self.projectors {
+            running.stop().await;
+        }
+        self.env.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_immediate_query_with_the_append_token_sees_the_append_every_time() {
+    let served = serve(true).await;
+    let mut seen = 0;
+    for trial in 0..100 {
+        let player = format!("p{trial}");
+        let token = served.choose(&player).await;
+        let response = served.stories(&player, &token).await;
+        assert_eq!(response.status(), StatusCode::OK, "trial {trial}");
+        assert!(response.headers().contains_key("x-worldline-position"));
+        let body: Value = response.json().await.unwrap();
+        let stories: Vec<&str> = body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|item| item["story_id"].as_str())
+            .collect();
+        if stories == ["intro"] {
+            seen += 1;
+        }
+    }
+    assert_eq!(
+        seen, 100,
+        "the new state was visible in {seen} of 100 trials"
+    );
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_projectors_stopped_a_fresh_token_gets_503_after_the_bound() {
+    let served = serve(false).await;
+    let token = served.choose("late").await;
+    let started = Instant::now();
+    let response = served.stories("late", &token).await;
+    let waited = started.elapsed();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    // It waited for the bound rather than answering at once.
+    assert!(
+        waited >= Duration::from_millis(BOUND_MS),
+        "answered after {waited:?}"
+    );
+    let malformed = served.stories("late", "wl1.@@@").await;
+    assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = malformed.json().await.unwrap();
+    assert_eq!(problem["parameter"], "X-Consistency-Token");
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_reports_the_projectors_lag_and_readiness_follows_it() {
+    let served = serve(true).await;
+    let token = served.choose("lagging").await;
+    let lag_of = |response: &reqwest::Response| -> i64 {
+        response.headers()["x-worldline-lag-records"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // Caught up: the projector recorded the log end it saw, and nothing is left.
+    let response = served.stories("lagging", &token).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let pool = served.env.pool.clone();
+    eventually(
+        Duration::from_secs(15),
+        "story's log ends to be recorded",
+        || {
+            let pool = pool.clone();
+            async move {
+                let behind: Option<i64> = sqlx::query_scalar(
+                    "SELECT sum(e.end_offset - o.next_offset)::bigint
+                   FROM story.projector_log_ends e
+                   JOIN story.projector_offsets o USING (topic, partition)",
+                )
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                (behind == Some(0)).then_some(())
+            }
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(10), "a lag of zero", || async {
+        let response = served.stories("lagging", &token).await;
+        (lag_of(&response) == 0).then_some(())
+    })
+    .await;
+    let ready = served
+        .http
+        .get(format!("{}/readyz", served.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK, "ready while caught up");
+
+    // An instance has seen twelve more records on a story partition than were
+    // applied (the projector's own refresh only ever raises the figure).
+    sqlx::query(
+        "UPDATE story.projector_log_ends e SET end_offset = o.next_offset + 12
+           FROM story.projector_offsets o
+          WHERE o.topic = e.topic AND o.partition = e.partition
+            AND e.partition = (SELECT min(partition) FROM story.projector_offsets)",
+    )
+    .execute(&served.env.pool)
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the lag header to show 12",
+        || async {
+            let response = served.stories("lagging", &token).await;
+            (lag_of(&response) == 12).then_some(())
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "/readyz to fail on lag",
+        || async {
+            let ready = served
+                .http
+                .get(format!("{}/readyz", served.base))
+                .send()
+                .await
+                .ok()?;
+            let status = ready.status();
+            let body = ready.text().await.ok()?;
+            (status == StatusCode::SERVICE_UNAVAILABLE
+                && body.contains("story is 12 records behind"))
+            .then_some(())
+        },
+    )
+    .await;
+    served.stop().await;
+}
