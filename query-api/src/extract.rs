@@ -5,9 +5,15 @@
 //! structs hold raw strings on purpose: the typed checks in [`crate::params`]
 //! then name the exact parameter in the 400.
 
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequestParts, Path};
+use axum::extract::{FromRequestParts, MatchedPath, Path, Request, State};
 use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -45,7 +51,9 @@ fn path_error(rejection: &PathRejection) -> ApiError {
     ApiError::bad(parameter, rejection.body_text())
 }
 
-/// Query parameters, deserialized into `T` (unknown parameters are ignored).
+/// Query parameters, deserialized into `T` (parameters `T` does not name are
+/// left to other extractors; [`reject_unknown_query_parameters`] refuses
+/// those no extractor of the route takes).
 #[derive(Debug)]
 pub struct ApiQuery<T>(pub T);
 
@@ -77,6 +85,77 @@ fn named_field(message: &str) -> Option<&str> {
     Some(&message[start..start + len])
 }
 
+/// The query parameters each route documents, by route template
+/// (`/v1/worlds/{world}/clock`), taken from the OpenAPI document so the two
+/// cannot drift apart.
+#[derive(Debug, Clone, Default)]
+pub struct KnownQueryParameters(Arc<HashMap<String, BTreeSet<String>>>);
+
+impl KnownQueryParameters {
+    /// Every operation's `in: query` parameters.
+    pub fn from_document(doc: &utoipa::openapi::OpenApi) -> KnownQueryParameters {
+        let mut known: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for (path, item) in &doc.paths.paths {
+            let names = known.entry(path.clone()).or_default();
+            let operations = [&item.get, &item.post, &item.put, &item.delete, &item.patch];
+            for operation in operations.into_iter().flatten() {
+                for parameter in operation.parameters.iter().flatten() {
+                    if let utoipa::openapi::RefOr::T(parameter) = parameter
+                        && parameter.parameter_in == utoipa::openapi::path::ParameterIn::Query
+                    {
+                        names.insert(parameter.name.clone());
+                    }
+                }
+            }
+        }
+        KnownQueryParameters(Arc::new(known))
+    }
+
+    /// The first parameter of `query` that the route `template` does not
+    /// document, if any. Routes missing from the document are not checked.
+    pub fn unknown<'q>(&self, template: &str, query: &'q str) -> Option<Cow<'q, str>> {
+        let known = self.0.get(template)?;
+        form_urlencoded::parse(query.as_bytes())
+            .map(|(name, _)| name)
+            .find(|name| !known.contains(name.as_ref()))
+    }
+}
+
+/// Rejects a request naming a query parameter its route does not have: a
+/// misspelt filter (`?form_tick=5`) must be a 400, not a silently unfiltered
+/// answer.
+pub async fn reject_unknown_query_parameters(
+    State(known): State<KnownQueryParameters>,
+    matched: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let unknown = match (&matched, request.uri().query()) {
+        (Some(matched), Some(query)) => known
+            .unknown(matched.as_str(), query)
+            .map(|name| crate::params::shorten(&name).into_owned()),
+        _ => None,
+    };
+    if let (Some(matched), Some(shown)) = (matched, unknown) {
+        let mut allowed: Vec<&str> = known
+            .0
+            .get(matched.as_str())
+            .map(|names| names.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        allowed.sort_unstable();
+        let detail = if allowed.is_empty() {
+            format!("unknown query parameter `{shown}`: this route takes none")
+        } else {
+            format!(
+                "unknown query parameter `{shown}`; this route takes: {}",
+                allowed.join(", ")
+            )
+        };
+        return ApiError::bad(shown, detail).into_response();
+    }
+    next.run(request).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +179,44 @@ mod tests {
         let filters: Filters = parse_query("player=a%20b&colour=red").unwrap();
         assert_eq!(filters.player.as_deref(), Some("a b"));
         assert_eq!(filters.limit, None);
+    }
+
+    fn known() -> KnownQueryParameters {
+        KnownQueryParameters(Arc::new(HashMap::from([(
+            "/v1/worlds/{world}/story/choices".to_owned(),
+            BTreeSet::from(["player".to_owned(), "from_tick".to_owned()]),
+        )])))
+    }
+
+    #[test]
+    fn given_documented_parameters_then_nothing_is_unknown() {
+        let known = known();
+        assert_eq!(
+            known.unknown("/v1/worlds/{world}/story/choices", "player=a&from_tick=3"),
+            None
+        );
+    }
+
+    #[test]
+    fn given_a_misspelt_parameter_then_it_is_named() {
+        let known = known();
+        assert_eq!(
+            known
+                .unknown("/v1/worlds/{world}/story/choices", "player=a&form_tick=3")
+                .as_deref(),
+            Some("form_tick")
+        );
+        assert_eq!(
+            known
+                .unknown("/v1/worlds/{world}/story/choices", "pl%61yer=a&x%20y=1")
+                .as_deref(),
+            Some("x y"),
+            "names are compared decoded"
+        );
+    }
+
+    #[test]
+    fn given_an_undocumented_route_then_it_is_not_checked() {
+        assert_eq!(known().unknown("/elsewhere", "anything=1"), None);
     }
 }

@@ -177,6 +177,10 @@ pub fn app_with_shutdown(
     paths.merge(stream_paths);
     api = api.merge(hook(stream::PROJECTOR, stream_routes).layer(Extension(streams)));
     let doc = docs::document(paths);
+    let api = api.route_layer(middleware::from_fn_with_state(
+        extract::KnownQueryParameters::from_document(&doc),
+        extract::reject_unknown_query_parameters,
+    ));
     Router::new()
         .merge(api.with_state(state))
         .merge(docs::router(&doc))

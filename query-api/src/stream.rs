@@ -211,10 +211,12 @@ impl Families {
     /// Parses the `families` parameter: comma-separated names; absent or empty
     /// means every family.
     pub fn parse(raw: Option<&str>) -> Result<Families, ApiError> {
-        let Some(raw) = raw.map(str::trim).filter(|r| !r.is_empty()) else {
+        // Exactly the documented shape (no blanks, no empty names): what the
+        // document promises is what the server accepts, and nothing looser.
+        let Some(raw) = raw else {
             return Ok(Families::all());
         };
-        raw.split(',').map(str::trim).try_fold(Families::default(), |set, name| {
+        raw.split(',').try_fold(Families::default(), |set, name| {
             StreamFamily::ALL
                 .into_iter()
                 .find(|f| f.name() == name)
@@ -434,8 +436,27 @@ async fn listen_once(
 pub struct StreamQuery {
     /// Comma-separated families to stream: `world`, `clock`, `weather`, `story`,
     /// `inference` (default: all).
-    #[param(max_length = 64, example = "clock,weather")]
+    #[param(
+        pattern = "^(world|clock|weather|story|inference)(,(world|clock|weather|story|inference))*$",
+        example = "clock,weather"
+    )]
     pub families: Option<String>,
+}
+
+/// One server-sent event as the document describes it (each event of the stream
+/// has these fields; `data` is a JSON text).
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)] // documents the wire format; events are written by axum's `Event`
+pub struct StreamEvent {
+    /// `ready` first, then the family whose read model changed (`world`,
+    /// `clock`, `weather`, `story`, `inference`).
+    pub event: String,
+    /// A JSON document: the world and families for `ready`, else the changed rows.
+    pub data: String,
+    /// The stream position after this event, for `Last-Event-ID`.
+    pub id: Option<String>,
+    /// Reconnection delay in milliseconds, when the server suggests one.
+    pub retry: Option<u64>,
 }
 
 /// Live changes of a world's read models (Server-Sent Events).
@@ -455,14 +476,15 @@ pub struct StreamQuery {
     params(
         WorldPath,
         StreamQuery,
-        ("Last-Event-ID" = Option<String>, Header, max_length = 512,
-         description = "The `id` of the last event received, to resume after it")
+        ("Last-Event-ID" = Option<String>, Header,
+         description = "The `id` of the last event received, unchanged, to resume after it \
+                        (opaque: an id this stream did not make is a 400)")
     ),
     responses((
         status = 200,
         description = "An endless `text/event-stream` of the world's changes",
         content_type = "text/event-stream",
-        body = String
+        body = StreamEvent
     ))
 )]
 async fn stream(
@@ -825,12 +847,18 @@ mod tests {
     #[test]
     fn given_no_families_parameter_when_parsed_then_every_family() {
         assert_eq!(Families::parse(None).unwrap(), Families::all());
-        assert_eq!(Families::parse(Some(" ")).unwrap(), Families::all());
+    }
+
+    #[test]
+    fn given_blanks_or_empty_names_when_parsed_then_refused_like_the_document_says() {
+        for loose in ["", " ", "clock, weather", "clock,,weather", "clock,"] {
+            assert!(Families::parse(Some(loose)).is_err(), "{loose:?}");
+        }
     }
 
     #[test]
     fn given_a_list_when_parsed_then_exactly_those_families() {
-        let set = Families::parse(Some("clock, weather")).unwrap();
+        let set = Families::parse(Some("clock,weather")).unwrap();
         assert_eq!(
             set.iter().collect::<Vec<_>>(),
             vec![StreamFamily::Clock, StreamFamily::Weather]

@@ -6,6 +6,7 @@
 //! the `.worldline/env` file the stack script writes, so `cargo test` works in a
 //! shell that never sourced it.
 
+pub mod fixture;
 pub mod proxy;
 pub mod workload;
 

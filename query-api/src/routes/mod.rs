@@ -11,6 +11,7 @@
 
 pub mod clock;
 pub mod inference;
+pub mod state;
 pub mod story;
 pub mod weather;
 pub mod worlds;
@@ -64,6 +65,10 @@ pub fn resources() -> Vec<Resource> {
             projector: inference::PROJECTOR,
             router: inference::router(),
         },
+        Resource {
+            projector: state::PROJECTOR,
+            router: state::router(),
+        },
     ]
 }
 
@@ -99,8 +104,9 @@ pub struct PageQuery {
     /// Page size, 1–500 (default 50).
     #[param(value_type = Option<i64>, minimum = 1, maximum = 500)]
     pub limit: Option<String>,
-    /// `next_cursor` of the previous page; absent for the first page.
-    #[param(max_length = 1024)]
+    /// `next_cursor` of the previous page, unchanged; absent for the first page.
+    /// Opaque: anything the server did not make is a 400, so the document gives
+    /// no shape for it (the server also refuses one over 1024 characters).
     pub cursor: Option<String>,
 }
 

@@ -1,0 +1,137 @@
+//! schemathesis (PyPI) against the OpenAPI document the query API serves: every
+//! documented operation is called with generated valid and invalid inputs
+//! (fixed seed), and every answer must match the document, never a 5xx.
+//!
+//! The API runs as `worldline serve` builds it (auth, limits, read-your-writes),
+//! over read models the real pipeline filled from the query API's fixture, so
+//! the ids in `ops/schemathesis.toml` reach real rows. `ops/dev test` installs
+//! schemathesis; without it the test is skipped with a message, unless `CI` is
+//! set, where a missing tool is a failure.
+
+#![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use worldline_ops::Health;
+use worldline_ops::config::StaticToken;
+use worldline_producers::{Appender, AppenderOptions};
+use worldline_tests::{TestEnv, eventually, fixture};
+
+const TOKEN: &str = "conformance-read-token";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The schemathesis executable: `SCHEMATHESIS`, then the one `ops/dev test`
+/// installs, then `PATH`.
+fn schemathesis() -> Option<PathBuf> {
+    if let Ok(path) = std::env::var("SCHEMATHESIS") {
+        return Some(PathBuf::from(path));
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".to_owned());
+    let installed = Path::new(&home).join(".cache/worldline/schemathesis-venv/bin/schemathesis");
+    if installed.is_file() {
+        return Some(installed);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("schemathesis"))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_document_holds_for_every_generated_request() {
+    let Some(schemathesis) = schemathesis() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "schemathesis is missing and CI is set: `ops/dev test` installs it"
+        );
+        eprintln!(
+            "SKIPPED openapi_conformance: schemathesis is missing (ops/dev test installs it)"
+        );
+        return;
+    };
+
+    let mut env = TestEnv::new(2).await;
+    env.settings.auth.tokens.push(StaticToken {
+        name: "conformance".to_owned(),
+        token: TOKEN.to_owned(),
+        scopes: vec!["read".to_owned()],
+        worlds: None,
+    });
+    // Thousands of requests in a few minutes from one principal: the limiter is
+    // tested elsewhere (query_auth), here it would only turn answers into 429s.
+    env.settings.auth.rate_limit_per_second = 100_000.0;
+    env.settings.auth.rate_limit_burst = 100_000;
+    let appender = Appender::new(
+        &env.settings.kafka,
+        AppenderOptions {
+            topic_prefix: env.settings.topics.prefix.clone(),
+            ..AppenderOptions::default()
+        },
+    )
+    .unwrap();
+    for result in appender.append_batch(&fixture::events()).await {
+        result.unwrap();
+    }
+    let all = worldline_projectors::registry::all();
+    let projectors: Vec<_> = all.iter().map(|p| env.start_projector(p.clone())).collect();
+    for projector in &all {
+        let env = &env;
+        eventually(
+            Duration::from_secs(60),
+            &format!("{} to catch up", projector.name()),
+            || async move {
+                env.caught_up(projector.name(), projector.as_ref())
+                    .await
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // A quiet read side: generated requests see the fixture, nothing moving.
+    for projector in projectors {
+        projector.stop().await;
+    }
+
+    let shutdown = CancellationToken::new();
+    let app = worldline_query_api::build_with_shutdown(
+        &env.settings,
+        Health::default(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let (addr, _task) =
+        worldline_ops::health::serve(SocketAddr::from(([127, 0, 0, 1], 0)), app, shutdown.clone())
+            .await
+            .unwrap();
+
+    let output = tokio::process::Command::new("bash")
+        .arg(repo_root().join("ops/check-openapi.sh"))
+        .arg(format!("http://{addr}"))
+        .arg("--header")
+        .arg(format!("Authorization: Bearer {TOKEN}"))
+        .env("SCHEMATHESIS", &schemathesis)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // The summary is the figure a reader wants from CI either way.
+    println!("{stdout}");
+    eprintln!("{stderr}");
+    assert!(
+        output.status.success(),
+        "schemathesis found failures (exit {:?}); its report is above",
+        output.status.code()
+    );
+    shutdown.cancel();
+    env.cleanup().await;
+}
