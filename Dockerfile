@@ -1,9 +1,12 @@
 # syntax=docker/dockerfile:1
 # One image for every worldline role: `docker run worldline <subcommand>`.
+# It has no curl: container healthchecks run `worldline probe <url>`.
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# Queries are checked against the committed .sqlx data, not a live database.
+# Every query is built at run time (no sqlx `query!` macros, no .sqlx data), so
+# the build needs no database. SQLX_OFFLINE keeps it so: a checked macro added
+# later fails this build until its `cargo sqlx prepare` data is committed.
 ENV SQLX_OFFLINE=true \
     CARGO_TERM_COLOR=never
 COPY . .

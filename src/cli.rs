@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use worldline_ops::Settings;
 use worldline_ops::telemetry::init_tracing;
@@ -50,8 +51,12 @@ pub enum Command {
     /// Rebuild a read model from the log into a shadow schema while the live one
     /// keeps serving, then swap it in (also how a new projector version ships).
     Replay {
-        /// The projector to rebuild.
-        projector: String,
+        /// The projectors to rebuild (several are rebuilt in one pass over the log).
+        #[arg(required_unless_present = "all")]
+        projectors: Vec<String>,
+        /// Rebuild every projector.
+        #[arg(long, conflicts_with = "projectors")]
+        all: bool,
         /// Drop an interrupted rebuild instead of resuming it.
         #[arg(long)]
         abort: bool,
@@ -95,6 +100,15 @@ pub enum Command {
         /// The demo world's id.
         #[arg(long, default_value = "demo")]
         world: String,
+    },
+    /// GET a URL and exit 0 on a 2xx answer, 1 otherwise: a container
+    /// healthcheck for images without curl, e.g. `worldline probe http://127.0.0.1:9090/readyz`.
+    Probe {
+        /// The URL to GET.
+        url: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout_secs: u64,
     },
 }
 
@@ -242,9 +256,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DeadLetters {
             action: DeadLettersAction::Redrive { projector },
         } => roles::redrive(&settings, &projector).await,
-        Command::Replay { projector, abort } => {
-            roles::replay(&settings, &projector, abort, shutdown).await
-        }
+        Command::Replay {
+            projectors,
+            all,
+            abort,
+        } => roles::replay(&settings, &projectors, all, abort, shutdown).await,
         Command::Verify { projector } => roles::verify(&settings, &projector, shutdown).await,
         Command::World {
             world,
@@ -255,5 +271,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events { action } => roles::events(&settings, action, shutdown).await,
         Command::Serve => roles::serve(&settings, shutdown).await,
         Command::Dev { world } => roles::dev(settings, &world, shutdown).await,
+        Command::Probe { url, timeout_secs } => {
+            probe(&url, Duration::from_secs(timeout_secs)).await
+        }
+    }
+}
+
+/// `worldline probe`.
+async fn probe(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .context("building the HTTP client")?;
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = response.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        bail!("GET {url}: {status}")
     }
 }

@@ -129,11 +129,7 @@ pub async fn produce_clock(
     serve_ops(settings, health.clone(), shutdown.clone()).await?;
     let appender = Appender::new(
         &settings.kafka,
-        AppenderOptions {
-            topic_prefix: settings.topics.prefix.clone(),
-            source: "clock".to_owned(),
-            ..AppenderOptions::default()
-        },
+        worldline_producers::clock::appender_options(&settings.topics.prefix),
     )?;
     health.set("kafka", Ok(()));
     let options = ClockOptions {
@@ -267,25 +263,45 @@ fn print_progress(
 /// `worldline replay`.
 pub async fn replay(
     settings: &Settings,
-    name: &str,
+    names: &[String],
+    all: bool,
     abort: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let projector = select_projectors(&[name.to_owned()])?
-        .pop()
-        .context("no projector selected")?;
+    let projectors = if all {
+        registry::all()
+    } else {
+        select_projectors(names)?
+    };
     worldline_ops::topics::verify_event_topics(&settings.kafka, &settings.topics).await?;
     let pool = connect(&settings.database.url, settings).await?;
-    let rebuild = worldline_projectors::replay::Rebuild::new(settings, pool, projector, "shadow")?;
+    let rebuilds = projectors
+        .iter()
+        .map(|p| {
+            worldline_projectors::replay::Rebuild::new(settings, pool.clone(), p.clone(), "shadow")
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if abort {
-        rebuild.abort().await?;
-        println!("dropped {}", rebuild.target().as_str());
+        for rebuild in &rebuilds {
+            rebuild.abort().await?;
+            println!("dropped {}", rebuild.target().as_str());
+        }
         return Ok(());
     }
-    let label = format!("replaying {name}");
-    rebuild.replay(&print_progress(&label), &shutdown).await?;
+    let names: Vec<&str> = projectors.iter().map(|p| p.name()).collect();
+    let label = format!("replaying {}", names.join(", "));
+    let outcome = worldline_projectors::replay::replay_together(
+        &rebuilds,
+        &print_progress(&label),
+        &shutdown,
+    )
+    .await;
+    // The progress line stays; whatever comes next starts on a line of its own.
     eprintln!();
-    println!("{name}: rebuilt from the log and swapped in");
+    outcome?;
+    for name in names {
+        println!("{name}: rebuilt from the log and swapped in");
+    }
     Ok(())
 }
 
@@ -476,6 +492,8 @@ pub async fn events(
 
 /// `worldline serve`.
 pub async fn serve(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // The ingest gateway appends to the event topics like every producer.
+    worldline_ops::topics::verify_event_topics(&settings.kafka, &settings.topics).await?;
     // Open event streams end on shutdown instead of holding the server up.
     let query =
         worldline_query_api::build_with_shutdown(settings, Health::default(), shutdown.clone())
@@ -548,7 +566,20 @@ pub async fn dev(
             });
     }
     create_world_once(&settings, &world_id).await?;
-    let url = format!("http://{}/v1/worlds/{world_id}/clock", settings.http.listen);
+    let listen = settings.http.listen;
+    // The printed commands must work as printed: show a configured token that
+    // has the scope each one needs.
+    let token_with = |scope: &str| {
+        settings
+            .auth
+            .tokens
+            .iter()
+            .find(|t| t.scopes.iter().any(|s| s == scope))
+            .map(|t| t.token.clone())
+    };
+    let read_token = token_with("read");
+    let ingest_token =
+        token_with("ingest").unwrap_or_else(|| "<a token with scope ingest>".to_owned());
     let mut roles = tokio::task::JoinSet::new();
     {
         let settings = settings.clone();
@@ -576,13 +607,27 @@ pub async fn dev(
         roles.spawn(async move { serve(&settings, shutdown).await });
     }
     println!("worldline is running with demo world \"{world_id}\".");
-    println!("  query it:  curl {url}");
-    println!("  API docs:  http://{}/docs", settings.http.listen);
+    match &read_token {
+        Some(token) => {
+            println!(
+                "  query it:  curl -H 'Authorization: Bearer {token}' http://{listen}/v1/worlds/{world_id}/clock"
+            );
+            println!("  web page:  http://{listen}/?world={world_id}&token={token}");
+        }
+        None => {
+            println!(
+                "  query it:  curl -H 'Authorization: Bearer <a token with scope read>' http://{listen}/v1/worlds/{world_id}/clock"
+            );
+            println!(
+                "  web page:  http://{listen}/?world={world_id} (enter a token with scope read)"
+            );
+        }
+    }
+    println!("  API docs:  http://{listen}/docs");
     println!(
-        "  append:    curl -H 'Authorization: Bearer dev-token' -H 'Content-Type: application/json' \\\n             -d '{{\"type\":\"StoryChoiceMade\",\"world_tick\":1,\"data\":{{\"player_id\":\"me\",\"story_id\":\"intro\",\"node_id\":\"start\",\"choice_id\":\"wave\"}}}}' \\\n             http://{}/v1/worlds/{world_id}/events",
-        settings.http.listen
+        "  append:    curl -H 'Authorization: Bearer {ingest_token}' -H 'Content-Type: application/json' \\\n             -d '{{\"type\":\"StoryChoiceMade\",\"world_tick\":1,\"data\":{{\"player_id\":\"me\",\"story_id\":\"intro\",\"node_id\":\"start\",\"choice_id\":\"wave\"}}}}' \\\n             http://{listen}/v1/worlds/{world_id}/events"
     );
-    println!("  metrics:   http://{}/metrics", settings.http.listen);
+    println!("  metrics:   http://{listen}/metrics");
     println!("  stop:      Ctrl-C");
     let mut failure = None;
     while let Some(joined) = roles.join_next().await {

@@ -180,6 +180,12 @@ pub struct DatabaseSettings {
     pub reader_url: Option<String>,
     /// Largest number of pooled connections per process.
     pub max_connections: u32,
+    /// Connections the query API keeps open for its handlers' single
+    /// statements (point lookups, pages), lent to one statement at a time,
+    /// besides its pool of `max_connections` (transactions, `LISTEN`, event
+    /// streams). A statement on one of them is one round trip; through the
+    /// pool it would be two, as the pool checks every connection given back.
+    pub reader_connections: u32,
 }
 
 /// The query API's HTTP listener.
@@ -199,6 +205,12 @@ pub struct HttpSettings {
     /// than this many records of the log still to apply (its answers would be
     /// that stale); a load balancer then prefers a fresher replica.
     pub ready_max_lag_records: u64,
+    /// How often the query API re-reads every projector's stored offsets and
+    /// log ends without being notified, in milliseconds. Read-your-writes waits
+    /// are woken by `LISTEN`/`NOTIFY`, not by this beat; it only keeps the lag
+    /// header and the `/readyz` lag check fresh while the log grows ahead of
+    /// the projectors (which sends no notification).
+    pub progress_refresh_ms: u64,
 }
 
 /// The `/livez`, `/readyz` and `/metrics` listener of producer and projector roles.
@@ -304,6 +316,7 @@ impl Default for DatabaseSettings {
             url: "postgres://worldline@127.0.0.1:55432/worldline".to_owned(),
             reader_url: None,
             max_connections: 10,
+            reader_connections: 8,
         }
     }
 }
@@ -316,6 +329,7 @@ impl Default for HttpSettings {
             request_timeout_ms: 10_000,
             max_body_bytes: 64 * 1024,
             ready_max_lag_records: 100_000,
+            progress_refresh_ms: 1000,
         }
     }
 }

@@ -85,15 +85,18 @@ pub enum TopicError {
     #[error("event topic {topic} is missing; run `worldline topics create` first")]
     Missing { topic: String },
     #[error(
-        "event topic {topic} has {key}={actual}, but event topics must keep history forever \
-         ({key}={expected}); refusing to run because events would be lost. Fix it with \
-         `kafka-configs --alter --entity-type topics --entity-name {topic} --add-config {key}={expected}`"
+        "event topic {topic} has {key}={actual}, so {consequence}; event topics must keep \
+         every event forever ({key}={expected}), so this refuses to run. Fix the topic with \
+         `kafka-configs.sh --bootstrap-server <broker> --alter --entity-type topics \
+         --entity-name {topic} --add-config {key}={expected}`"
     )]
     WouldLoseEvents {
         topic: String,
         key: &'static str,
         actual: String,
         expected: &'static str,
+        /// What the broker would do to the log with this setting.
+        consequence: &'static str,
     },
 }
 
@@ -207,7 +210,24 @@ pub async fn verify_event_topics(
                 .and_then(|entry| entry.value.clone())
                 .unwrap_or_default()
         };
-        for (key, expected) in [("retention.ms", "-1"), ("retention.bytes", "-1")] {
+        let required = [
+            (
+                "retention.ms",
+                "-1",
+                "the broker deletes events once they are older than that",
+            ),
+            (
+                "retention.bytes",
+                "-1",
+                "the broker deletes the oldest events once a partition is larger than that",
+            ),
+            (
+                "cleanup.policy",
+                "delete",
+                "compaction keeps only the latest event of each world and erases the rest",
+            ),
+        ];
+        for (key, expected, consequence) in required {
             let actual = value_of(key);
             if actual != expected {
                 return Err(TopicError::WouldLoseEvents {
@@ -215,17 +235,9 @@ pub async fn verify_event_topics(
                     key,
                     actual,
                     expected,
+                    consequence,
                 });
             }
-        }
-        let cleanup = value_of("cleanup.policy");
-        if cleanup != "delete" {
-            return Err(TopicError::WouldLoseEvents {
-                topic: name.clone(),
-                key: "cleanup.policy",
-                actual: cleanup,
-                expected: "delete",
-            });
         }
     }
     Ok(())

@@ -3,7 +3,7 @@
 //! Every producer and the HTTP gateway append through [`Appender`], so delivery
 //! guarantees, keys, partitioning and headers are decided once, here.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use chrono::{SecondsFormat, TimeZone, Utc};
@@ -56,7 +56,13 @@ impl AppendError {
 pub struct AppenderOptions {
     /// Prefix of the event topics (see `TopicSettings::prefix`).
     pub topic_prefix: String,
-    /// Longest time an append may take before it fails, queueing and retries included.
+    /// Longest time an append may take before it fails, queueing and retries
+    /// included. `Duration::ZERO` means no limit: librdkafka keeps retrying under
+    /// the idempotent producer's sequence numbers (so the broker drops repeats)
+    /// until the event is acknowledged. That suits a single writer such as the
+    /// clock, for which a timed-out append is worse than a slow one: librdkafka
+    /// reports an in-flight message that timed out as failed although the broker
+    /// may have stored it, and sending it again would then store it twice.
     pub delivery_timeout: Duration,
     /// Written into `ce_source` and the client id, e.g. "clock" or "gateway".
     pub source: String,
@@ -76,9 +82,48 @@ impl Default for AppenderOptions {
 /// Cheap to clone; clones share one producer.
 #[derive(Clone)]
 pub struct Appender {
-    producer: Arc<RwLock<FutureProducer>>,
+    producer: Arc<ProducerSlot<FutureProducer>>,
     kafka: Arc<KafkaSettings>,
     options: Arc<AppenderOptions>,
+}
+
+/// The producer the clones of an [`Appender`] share, numbered by generation.
+///
+/// A fatal error makes every message of the producer fail, often a whole batch
+/// at once, and several batches may be in flight on it. Each failure names the
+/// generation it was sent with, and only the first one for a generation
+/// replaces the producer: one new producer per fatal error, not one per failed
+/// message.
+struct ProducerSlot<P> {
+    current: RwLock<(u64, P)>,
+}
+
+impl<P: Clone> ProducerSlot<P> {
+    fn new(producer: P) -> ProducerSlot<P> {
+        ProducerSlot {
+            current: RwLock::new((0, producer)),
+        }
+    }
+
+    /// The current producer and its generation.
+    fn get(&self) -> (u64, P) {
+        let guard = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        (guard.0, guard.1.clone())
+    }
+
+    /// Replaces the producer of `generation` with `make()`, unless it has
+    /// already been replaced. Returns whether this call replaced it.
+    fn replace<E>(&self, generation: u64, make: impl FnOnce() -> Result<P, E>) -> Result<bool, E> {
+        let mut guard = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if guard.0 != generation {
+            return Ok(false);
+        }
+        let retired = std::mem::replace(&mut *guard, (generation + 1, make()?));
+        // Dropping a producer waits for its threads: not while others wait for the lock.
+        drop(guard);
+        drop(retired);
+        Ok(true)
+    }
 }
 
 impl std::fmt::Debug for Appender {
@@ -130,7 +175,7 @@ impl Appender {
     pub fn new(kafka: &KafkaSettings, options: AppenderOptions) -> Result<Appender, AppendError> {
         let producer = create_producer(kafka, &options).map_err(AppendError::Config)?;
         Ok(Appender {
-            producer: Arc::new(RwLock::new(producer)),
+            producer: Arc::new(ProducerSlot::new(producer)),
             kafka: Arc::new(kafka.clone()),
             options: Arc::new(options),
         })
@@ -154,9 +199,11 @@ impl Appender {
     /// are in input order. Events of one world and family keep their input order
     /// in the log (idempotent producer, one partition per world).
     pub async fn append_batch(&self, envelopes: &[Envelope]) -> Vec<Result<Appended, AppendError>> {
-        let producer = match self.producer.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+        let (generation, producer) = self.producer.get();
+        let queue_timeout = if self.options.delivery_timeout.is_zero() {
+            Timeout::Never
+        } else {
+            Timeout::After(self.options.delivery_timeout)
         };
         let prepared: Vec<Result<(String, Vec<u8>), DecodeError>> = envelopes
             .iter()
@@ -178,16 +225,13 @@ impl Appender {
                     .payload(&payload)
                     .timestamp(envelope.occurred_at_ms)
                     .headers(cloud_event_headers(envelope, &self.options.source));
-                match producer
-                    .send(record, Timeout::After(self.options.delivery_timeout))
-                    .await
-                {
+                match producer.send(record, queue_timeout).await {
                     Ok(delivered) => Ok(Appended {
                         topic,
                         partition: delivered.partition,
                         offset: delivered.offset,
                     }),
-                    Err((error, _)) => Err(self.unavailable(error)),
+                    Err((error, _)) => Err(self.unavailable(producer, generation, error)),
                 }
             }
         });
@@ -196,33 +240,37 @@ impl Appender {
 
     /// Waits until everything queued has been acknowledged or `timeout` passes.
     pub fn flush(&self, timeout: Duration) -> Result<(), AppendError> {
-        let producer = match self.producer.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
+        let (generation, producer) = self.producer.get();
         producer
             .flush(Timeout::After(timeout))
-            .map_err(AppendError::Unavailable)
+            .map_err(|error| self.unavailable(&producer, generation, error))
     }
 
-    /// Classifies a delivery error; a fatal one (the idempotent producer's
-    /// sequence state is lost) replaces the producer so later appends work
+    /// Classifies a delivery error of `producer` (generation `generation`). A
+    /// fatal one (the idempotent producer's sequence state is lost, and every
+    /// later send on it fails too) replaces the producer, so later appends work
     /// instead of failing forever.
-    fn unavailable(&self, error: KafkaError) -> AppendError {
-        let fatal = match self.producer.read() {
-            Ok(guard) => guard.client().fatal_error().is_some(),
-            Err(_) => true,
-        } || matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
+    fn unavailable(
+        &self,
+        producer: &FutureProducer,
+        generation: u64,
+        error: KafkaError,
+    ) -> AppendError {
+        let fatal = producer.client().fatal_error().is_some()
+            || matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
         if fatal {
-            tracing::error!(%error, "fatal producer error; creating a new producer");
-            match create_producer(&self.kafka, &self.options) {
-                Ok(fresh) => {
-                    if let Ok(mut guard) = self.producer.write() {
-                        *guard = fresh;
-                    }
+            match self
+                .producer
+                .replace(generation, || create_producer(&self.kafka, &self.options))
+            {
+                Ok(true) => {
+                    metrics::counter!("worldline_producer_recreated_total", "source" => self.options.source.clone())
+                        .increment(1);
+                    tracing::error!(%error, generation, "fatal producer error; created a new producer");
                 }
+                Ok(false) => {}
                 Err(create_error) => {
-                    tracing::error!(%create_error, "could not create a new producer");
+                    tracing::error!(%error, %create_error, "fatal producer error, and no new producer could be created");
                 }
             }
         }
@@ -281,6 +329,89 @@ fn traceparent_for(event_id: &uuid::Uuid) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stands in for a producer: which creation it came from.
+    type Made = usize;
+
+    fn slot_counting(made: &std::cell::Cell<usize>) -> impl Fn() -> Result<Made, ()> + '_ {
+        move || {
+            made.set(made.get() + 1);
+            Ok(made.get())
+        }
+    }
+
+    #[test]
+    fn given_a_whole_batch_failing_fatally_then_the_producer_is_recreated_once() {
+        let made = std::cell::Cell::new(0);
+        let slot = ProducerSlot::new(0 as Made);
+        let (generation, _) = slot.get();
+        // Every message of a 500-event batch reports the same fatal error.
+        let replaced = (0..500)
+            .filter(|_| slot.replace(generation, slot_counting(&made)).unwrap())
+            .count();
+        assert_eq!(replaced, 1);
+        assert_eq!(made.get(), 1, "one new producer for one fatal error");
+        assert_eq!(slot.get(), (1, 1), "later appends use the new producer");
+    }
+
+    #[test]
+    fn given_a_second_fatal_error_on_the_new_producer_then_it_is_recreated_again() {
+        let made = std::cell::Cell::new(0);
+        let slot = ProducerSlot::new(0 as Made);
+        let (first, _) = slot.get();
+        assert!(slot.replace(first, slot_counting(&made)).unwrap());
+        // A batch that was still in flight on the first producer fails late.
+        assert!(!slot.replace(first, slot_counting(&made)).unwrap());
+        let (second, _) = slot.get();
+        assert!(slot.replace(second, slot_counting(&made)).unwrap());
+        assert_eq!(made.get(), 2);
+        assert_eq!(slot.get(), (2, 2));
+    }
+
+    #[test]
+    fn given_concurrent_batches_failing_on_one_producer_then_one_recreates_it() {
+        let made = std::sync::atomic::AtomicUsize::new(0);
+        let slot = ProducerSlot::new(0 as Made);
+        let (generation, _) = slot.get();
+        let replaced = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..100 {
+                        let did = slot
+                            .replace(generation, || {
+                                Ok::<_, ()>(
+                                    made.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1,
+                                )
+                            })
+                            .unwrap();
+                        if did {
+                            replaced.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(replaced.into_inner(), 1);
+        assert_eq!(made.into_inner(), 1);
+    }
+
+    #[test]
+    fn given_a_failed_recreation_then_the_next_failure_tries_again() {
+        let slot = ProducerSlot::new(0 as Made);
+        let (generation, _) = slot.get();
+        assert!(
+            slot.replace(generation, || Err::<Made, _>("broken"))
+                .is_err()
+        );
+        assert_eq!(
+            slot.get(),
+            (0, 0),
+            "the old producer stays until a new one exists"
+        );
+        assert!(slot.replace(generation, || Ok::<_, ()>(7)).unwrap());
+        assert_eq!(slot.get(), (1, 7));
+    }
 
     #[test]
     fn traceparent_is_well_formed() {

@@ -3,8 +3,16 @@
 //! The log is the clock's memory. On start the producer reads each world's last
 //! `ClockTicked` back from its partition and continues from the next tick, so a
 //! restart neither skips nor repeats a tick. A tick is appended before the next
-//! one is made; a failed append is retried with the same envelope (same event id)
-//! until it is acknowledged or the process is told to stop.
+//! one is made, so each world has at most one tick in flight.
+//!
+//! A failed append is not simply sent again: librdkafka reports a message that
+//! timed out in flight as failed even though the broker may have stored it, and a
+//! second send would then put the tick in the log twice. So after a failure the
+//! producer asks the log first: a tick the log already holds is taken as
+//! appended, and only a tick it lacks is sent again (same envelope, same event
+//! id). `worldline produce clock` also appends without a delivery timeout
+//! ([`appender_options`]), so while its producer is healthy librdkafka's own
+//! retries (which the broker deduplicates) are the only ones.
 
 use std::time::Duration;
 
@@ -19,7 +27,7 @@ use worldline_schemas::pb::envelope::Body;
 use worldline_schemas::pb::{ClockTicked, Envelope, Season};
 use worldline_schemas::{WorldId, decode_envelope};
 
-use crate::appender::{AppendError, Appender};
+use crate::appender::{AppendError, Appender, AppenderOptions};
 use crate::partitioner::partition_for_key;
 
 /// Game days per season; four seasons make a year of 112 game days.
@@ -167,6 +175,26 @@ struct WorldClock {
     position: ClockPosition,
 }
 
+/// How long a shutdown waits for the append in flight before leaving it to the
+/// final flush (the next start reads the log, so nothing is skipped either way).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// A tick whose append failed: the world's index, its position after the tick,
+/// and the envelope to send again if the log lacks it.
+type PendingTick = (usize, ClockPosition, Envelope);
+
+/// How the clock producer appends: without a delivery timeout, so a tick is
+/// never reported as failed while the broker may still have stored it; while
+/// the producer is healthy, librdkafka retries it under the same sequence
+/// number (the broker drops repeats) until it is acknowledged.
+pub fn appender_options(topic_prefix: &str) -> AppenderOptions {
+    AppenderOptions {
+        topic_prefix: topic_prefix.to_owned(),
+        source: "clock".to_owned(),
+        delivery_timeout: Duration::ZERO,
+    }
+}
+
 /// Settings of one clock producer process.
 #[derive(Debug, Clone)]
 pub struct ClockOptions {
@@ -232,32 +260,87 @@ pub async fn run_clock(
         let mut backoff = Duration::from_millis(100);
         while !batch.is_empty() {
             let envelopes: Vec<Envelope> = batch.iter().map(|(_, _, e)| e.clone()).collect();
-            let results = appender.append_batch(&envelopes).await;
-            let mut retry = Vec::new();
+            let append = appender.append_batch(&envelopes);
+            tokio::pin!(append);
+            let results = tokio::select! {
+                biased;
+                results = &mut append => results,
+                _ = shutdown.cancelled() => {
+                    match tokio::time::timeout(SHUTDOWN_GRACE, &mut append).await {
+                        Ok(results) => results,
+                        Err(_) => return Ok(positions(&clocks)),
+                    }
+                }
+            };
+            let mut failed: Vec<PendingTick> = Vec::new();
             for ((index, next, envelope), result) in batch.into_iter().zip(results) {
                 match result {
                     Ok(_) => clocks[index].position = next,
                     Err(error) if error.is_retryable() => {
-                        tracing::warn!(world = %clocks[index].world, tick = next.tick, %error, "tick not acknowledged; retrying");
-                        retry.push((index, next, envelope));
+                        tracing::warn!(world = %clocks[index].world, tick = next.tick, %error, "tick not acknowledged; checking the log before sending it again");
+                        failed.push((index, next, envelope));
                     }
                     Err(error) => return Err(error.into()),
                 }
             }
-            batch = retry;
-            if !batch.is_empty() {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        return Ok(positions(&clocks));
-                    }
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+            if failed.is_empty() {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(positions(&clocks)),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            match not_in_log(kafka, &topic, &mut clocks, failed, &shutdown).await? {
+                Some(missing) => batch = missing,
+                None => return Ok(positions(&clocks)),
             }
         }
         ticks_made += 1;
     }
     Ok(positions(&clocks))
+}
+
+/// Of the `failed` ticks, those the log does not hold; the worlds whose tick the
+/// log does hold move on to it. A failed read of the log is retried (never
+/// guessed), until `shutdown`, which returns `None`.
+async fn not_in_log(
+    kafka: &KafkaSettings,
+    topic: &str,
+    clocks: &mut [WorldClock],
+    failed: Vec<PendingTick>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<PendingTick>>, ClockError> {
+    let mut missing = Vec::with_capacity(failed.len());
+    for (index, next, envelope) in failed {
+        let mut backoff = Duration::from_millis(100);
+        let logged = loop {
+            let (kafka, topic, world) =
+                (kafka.clone(), topic.to_owned(), clocks[index].world.clone());
+            let read =
+                tokio::task::spawn_blocking(move || last_clock_position(&kafka, &topic, &world))
+                    .await
+                    .map_err(|_| ClockError::Resume(rdkafka::error::KafkaError::Canceled))?;
+            match read {
+                Ok(logged) => break logged.unwrap_or_default(),
+                Err(error) => {
+                    tracing::warn!(world = %clocks[index].world, %error, "cannot read the clock topic yet; a tick is sent again only once the log says it is missing");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        if logged.tick >= next.tick {
+            tracing::info!(world = %clocks[index].world, tick = logged.tick, "the log holds the tick reported as failed; not sending it again");
+            clocks[index].position = logged;
+        } else {
+            missing.push((index, next, envelope));
+        }
+    }
+    Ok(Some(missing))
 }
 
 fn positions(clocks: &[WorldClock]) -> Vec<(WorldId, ClockPosition)> {

@@ -5,21 +5,18 @@
 use std::collections::HashMap;
 
 use tokio_util::sync::CancellationToken;
-use worldline_producers::clock::{ClockOptions, run_clock};
+use worldline_producers::Appender;
+use worldline_producers::clock::{self, ClockOptions, run_clock};
 use worldline_producers::partitioner::partition_for_key;
-use worldline_producers::{Appender, AppenderOptions};
 use worldline_schemas::pb::envelope::Body;
 use worldline_schemas::{Family, WorldId, decode_envelope};
 use worldline_tests::TestEnv;
 
+/// The appender `worldline produce clock` uses.
 fn appender(env: &TestEnv) -> Appender {
     Appender::new(
         &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            source: "clock".to_owned(),
-            ..AppenderOptions::default()
-        },
+        clock::appender_options(&env.settings.topics.prefix),
     )
     .unwrap()
 }

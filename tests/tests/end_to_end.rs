@@ -54,12 +54,7 @@ async fn given_ticks_for_two_worlds_when_projected_then_the_api_serves_each_worl
         .map(|p| env.start_projector(p))
         .collect();
     let shutdown = CancellationToken::new();
-    let api = app(
-        AppState {
-            pool: env.pool.clone(),
-        },
-        Health::default(),
-    );
+    let api = app(AppState::new(env.pool.clone()), Health::default());
     let (addr, server) =
         worldline_ops::health::serve(SocketAddr::from(([127, 0, 0, 1], 0)), api, shutdown.clone())
             .await
