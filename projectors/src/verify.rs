@@ -8,12 +8,14 @@ use sqlx::{AssertSqlSafe, PgPool};
 use crate::store::SchemaName;
 
 /// Runtime bookkeeping tables, which legitimately differ between a live schema
-/// and a rebuild (timestamps of commits, migration run times).
-pub const RUNTIME_TABLES: [&str; 4] = [
+/// and a rebuild (timestamps of commits, migration run times, indexes a bulk
+/// rebuild has yet to create).
+pub const RUNTIME_TABLES: [&str; 5] = [
     "projector_offsets",
     "projector_log_ends",
     "dead_letters",
     "_sqlx_migrations",
+    crate::replay::DEFERRED_INDEXES_TABLE,
 ];
 
 /// Row count and an order-independent digest of every row's text form.

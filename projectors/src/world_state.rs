@@ -182,9 +182,13 @@ pub fn world_state_from_log(
             // A reader that joins no group and commits nothing.
             .set("group.id", "worldline-world-state")
             .set("enable.auto.commit", "false")
+            // Answer as soon as any record is there: a person is waiting.
+            .set("fetch.wait.max.ms", "10")
             .create()?;
     let timeout = Duration::from_secs(10);
-    let mut state = WorldState::new(world);
+    // The world's partition of every family topic, read together: one
+    // assignment, so the fetches of all of them overlap.
+    let mut ranges: Vec<(String, i32, i64, i64)> = Vec::new();
     for family in Family::ALL {
         let topic = family.topic(topic_prefix);
         let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
@@ -197,26 +201,52 @@ pub fn world_state_from_log(
         }
         let partition = partition_for_key(world.as_str().as_bytes(), partitions as i32);
         let (low, high) = consumer.fetch_watermarks(&topic, partition, timeout)?;
-        if high <= low {
+        if high > low {
+            ranges.push((topic, partition, low, high));
+        }
+    }
+    let mut state = WorldState::new(world);
+    if ranges.is_empty() {
+        return Ok(state);
+    }
+    let mut assignment = TopicPartitionList::new();
+    for (topic, partition, low, _) in &ranges {
+        assignment.add_partition_offset(topic, *partition, Offset::Offset(*low))?;
+    }
+    consumer.assign(&assignment)?;
+    // Per family the events must be folded in log order; across families
+    // the fold does not depend on order (each family updates its own part),
+    // so records are buffered per topic and folded family by family.
+    let mut pending: BTreeMap<String, (i64, Vec<Envelope>)> = ranges
+        .iter()
+        .map(|(topic, _, low, _)| (topic.clone(), (*low, Vec::new())))
+        .collect();
+    let ends: BTreeMap<String, i64> = ranges
+        .iter()
+        .map(|(topic, _, _, high)| (topic.clone(), *high))
+        .collect();
+    while pending.iter().any(|(topic, (next, _))| *next < ends[topic]) {
+        let message = consumer
+            .poll(timeout)
+            .ok_or_else(|| WorldStateError::Timeout(world.to_string()))??;
+        let Some((next, envelopes)) = pending.get_mut(message.topic()) else {
+            continue;
+        };
+        *next = message.offset() + 1;
+        if message.key() != Some(world.as_str().as_bytes()) {
             continue;
         }
-        let mut assignment = TopicPartitionList::new();
-        assignment.add_partition_offset(&topic, partition, Offset::Offset(low))?;
-        consumer.assign(&assignment)?;
-        let mut next = low;
-        while next < high {
-            let message = consumer
-                .poll(timeout)
-                .ok_or_else(|| WorldStateError::Timeout(topic.clone()))??;
-            next = message.offset() + 1;
-            if message.key() != Some(world.as_str().as_bytes()) {
-                continue;
-            }
-            // Undecodable records are dead letters in the read models too.
-            if let Some(Ok(envelope)) = message.payload().map(decode_envelope)
-                && as_of.includes(&envelope)
-            {
-                state.apply(&envelope);
+        // Undecodable records are dead letters in the read models too.
+        if let Some(Ok(envelope)) = message.payload().map(decode_envelope)
+            && as_of.includes(&envelope)
+        {
+            envelopes.push(envelope);
+        }
+    }
+    for family in Family::ALL {
+        if let Some((_, envelopes)) = pending.get(&family.topic(topic_prefix)) {
+            for envelope in envelopes {
+                state.apply(envelope);
             }
         }
     }

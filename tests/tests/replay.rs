@@ -5,16 +5,105 @@
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
 use std::collections::HashMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use reqwest::{StatusCode, Url};
+use serde_json::Value;
+use sqlx::AssertSqlSafe;
 use tokio_util::sync::CancellationToken;
+use worldline_ops::Health;
+use worldline_ops::config::StaticToken;
 use worldline_producers::{Appender, AppenderOptions};
 use worldline_projectors::registry;
-use worldline_projectors::replay::Rebuild;
+use worldline_projectors::replay::{Progress, Rebuild, ReplayError, replay_together};
 use worldline_tests::TestEnv;
 use worldline_tests::workload::Workload;
+
+/// The role the stack scripts create for the query API.
+const READER_ROLE: &str = "worldline_reader";
+const TOKEN: &str = "replay-reader";
+
+/// The reader's URL for this test's database: the stack's reader URL when the
+/// environment has one (its user and password), else the owner's URL with the
+/// reader's name (the stack scripts give both roles the same password).
+fn reader_url(owner_url: &str) -> String {
+    let mut url = Url::parse(owner_url).unwrap();
+    let configured = std::env::var("WORLDLINE__DATABASE__READER_URL")
+        .ok()
+        .and_then(|u| Url::parse(&u).ok());
+    let (user, password) = match &configured {
+        Some(reader) if reader.username() == READER_ROLE => (
+            reader.username().to_owned(),
+            reader.password().map(str::to_owned),
+        ),
+        _ => (READER_ROLE.to_owned(), url.password().map(str::to_owned)),
+    };
+    url.set_username(&user).unwrap();
+    url.set_password(password.as_deref()).unwrap();
+    url.into()
+}
+
+/// Stored next offsets of `schema`, summed (0 when it has none or does not exist).
+async fn stored_total(env: &TestEnv, schema: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!(
+        "SELECT COALESCE(sum(next_offset), 0)::bigint FROM {schema}.projector_offsets"
+    )))
+    .fetch_one(&env.pool)
+    .await
+    .unwrap_or(0)
+}
+
+async fn schema_exists(env: &TestEnv, schema: &str) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+        .bind(schema)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+/// Every index and key of `schema`, as (table, name, definition without the
+/// schema name): a rebuilt schema must have all of a migrated one's.
+async fn indexes(env: &TestEnv, schema: &str) -> Vec<(String, String, String)> {
+    sqlx::query_as(
+        "SELECT tablename::text, indexname::text, replace(indexdef, $1 || '.', '')
+           FROM pg_indexes WHERE schemaname = $1 ORDER BY 1, 2",
+    )
+    .bind(schema)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+/// The `worldline` binary of this workspace, built if needed (this crate's
+/// tests cannot depend on the binary's package).
+fn worldline_binary() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+        .args(["build", "--quiet", "-p", "worldline", "--bin", "worldline"])
+        .current_dir(&root)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the worldline binary");
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("debug")
+        .join("worldline")
+}
+
+/// `done/target` of the last progress line `worldline replay` printed to stderr.
+fn last_progress(stderr: &str) -> Option<(i64, i64)> {
+    let line = stderr.rsplit('\r').find(|l| l.contains(" records ("))?;
+    let (_, counts) = line.split_once(": ")?;
+    let (done, rest) = counts.split_once('/')?;
+    let target = rest.split_whitespace().next()?;
+    Some((done.trim().parse().ok()?, target.parse().ok()?))
+}
 
 fn appender(env: &TestEnv) -> Appender {
     Appender::new(
@@ -68,6 +157,90 @@ async fn given_live_traffic_when_a_read_model_is_replayed_then_queries_never_see
         .map(|p| env.start_projector(p))
         .collect();
     wait_caught_up(&env).await;
+
+    // The query API on the read-only role, granted what `worldline migrate`
+    // grants it on the live schemas; the replay must give the same to the
+    // schemas it swaps in.
+    for projector in registry::all() {
+        let schema = projector.name();
+        for statement in [
+            format!("GRANT USAGE ON SCHEMA {schema} TO {READER_ROLE}"),
+            format!("GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {READER_ROLE}"),
+        ] {
+            sqlx::query(AssertSqlSafe(statement))
+                .execute(&env.pool)
+                .await
+                .unwrap();
+        }
+    }
+    let mut api_settings = env.settings.clone();
+    api_settings.database.reader_url = Some(reader_url(&env.settings.database.url));
+    api_settings.auth.tokens = vec![StaticToken {
+        name: "reader".to_owned(),
+        token: TOKEN.to_owned(),
+        scopes: vec!["read".to_owned()],
+        worlds: None,
+    }];
+    let api_shutdown = CancellationToken::new();
+    let app = worldline_query_api::build_with_shutdown(
+        &api_settings,
+        Health::default(),
+        api_shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let (addr, _served) = worldline_ops::health::serve(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        app,
+        api_shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let api_reader = {
+        let stop = Arc::new(AtomicBool::new(false));
+        let base = format!("http://{addr}");
+        (
+            stop.clone(),
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let (mut clock_events_seen, mut tick_seen, mut requests) = (0i64, 0i64, 0u64);
+                while !stop.load(Ordering::SeqCst) {
+                    let world = http
+                        .get(format!("{base}/v1/worlds/w-000"))
+                        .bearer_auth(TOKEN)
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = world.status();
+                    let body: Value = world.json().await.unwrap();
+                    assert_eq!(status, StatusCode::OK, "world during the rebuild: {body}");
+                    let clock_events = body["events"]["clock"].as_i64().unwrap();
+                    let clock = http
+                        .get(format!("{base}/v1/worlds/w-000/clock"))
+                        .bearer_auth(TOKEN)
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = clock.status();
+                    let body: Value = clock.json().await.unwrap();
+                    assert_eq!(status, StatusCode::OK, "clock during the rebuild: {body}");
+                    let tick = body["tick"].as_i64().unwrap();
+                    assert!(
+                        clock_events >= clock_events_seen && clock_events > 0,
+                        "the API saw {clock_events} clock events after {clock_events_seen}"
+                    );
+                    assert!(
+                        tick >= tick_seen && tick > 0,
+                        "the API saw tick {tick} after {tick_seen}"
+                    );
+                    (clock_events_seen, tick_seen) = (clock_events, tick);
+                    requests += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                requests
+            }),
+        )
+    };
 
     // Queries through their own pool (prepared statements cached per connection),
     // every few milliseconds, for the whole rebuild: they must never fail and
@@ -144,6 +317,13 @@ async fn given_live_traffic_when_a_read_model_is_replayed_then_queries_never_see
         queries > 100,
         "the reader ran throughout ({queries} queries)"
     );
+    api_reader.0.store(true, Ordering::SeqCst);
+    let requests = api_reader.1.await.unwrap();
+    assert!(
+        requests > 20,
+        "the API was queried throughout ({requests} rounds)"
+    );
+    api_shutdown.cancel();
 
     let schemas: Vec<String> = sqlx::query_scalar(
         "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'worlds%' OR nspname LIKE 'clock%' ORDER BY 1",
@@ -169,6 +349,14 @@ async fn given_live_traffic_when_a_read_model_is_replayed_then_queries_never_see
     for projector in registry::all() {
         let differing = env.rebuild_differences(projector.clone()).await;
         assert!(differing.is_empty(), "{}: {differing:?}", projector.name());
+    }
+    // The bulk build dropped keys and indexes and made them again at the end.
+    for name in ["worlds", "clock"] {
+        assert_eq!(
+            indexes(&env, name).await,
+            indexes(&env, &format!("{name}_rebuild")).await,
+            "{name}: every key and index of a migrated schema"
+        );
     }
     for running in live {
         running.stop().await;
@@ -280,4 +468,249 @@ async fn a_new_projector_is_built_from_the_whole_history_by_replay_then_runs_liv
     let differing = env.rebuild_differences(projector).await;
     assert!(differing.is_empty(), "{differing:?}");
     env.cleanup().await;
+}
+
+/// Appends the world creations and `events` mixed events; returns the log's size.
+async fn append_history(env: &TestEnv, worlds: usize, events: usize, seed: u64) -> i64 {
+    let appender = appender(env);
+    let mut workload = Workload::new(worlds, seed);
+    let mut batch = workload.creations();
+    batch.extend(workload.next_batch(events));
+    for chunk in batch.chunks(5000) {
+        for r in appender.append_batch(chunk).await {
+            r.unwrap();
+        }
+    }
+    batch.len() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_replay_interrupted_mid_rebuild_when_run_again_then_it_resumes_the_shadow_and_swaps()
+ {
+    let env = TestEnv::new(2).await;
+    let total = append_history(&env, 6, 12_000, 3).await;
+    let worlds = registry::by_name("worlds").unwrap();
+    let live = env.start_projector(worlds.clone());
+    wait_caught_up_one(&env, "worlds").await;
+    // Small batches, so the rebuild commits many times before it is done.
+    let mut settings = env.settings.clone();
+    settings.projector.batch_max_records = 4;
+    let rebuild = Rebuild::new(&settings, env.pool.clone(), worlds.clone(), "shadow").unwrap();
+
+    let interrupt = CancellationToken::new();
+    let cancel_midway = {
+        let interrupt = interrupt.clone();
+        move |p: Progress| {
+            if p.done > 0 && p.done < p.target {
+                interrupt.cancel();
+            }
+        }
+    };
+    let outcome = rebuild.replay(&cancel_midway, &interrupt).await;
+    assert!(
+        matches!(outcome, Err(ReplayError::Interrupted(ref schema)) if schema == "worlds_shadow"),
+        "{outcome:?}"
+    );
+    let kept = stored_total(&env, "worlds_shadow").await;
+    assert!(
+        kept > 0 && kept < total,
+        "the shadow keeps its progress: {kept} of {total}"
+    );
+    assert!(schema_exists(&env, "worlds").await, "live untouched");
+
+    // The next run starts where the shadow stands, not at zero.
+    let seen: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let record = {
+        let seen = seen.clone();
+        move |p: Progress| seen.lock().unwrap().push(p)
+    };
+    rebuild
+        .replay(&record, &CancellationToken::new())
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.first().is_some_and(|p| p.done >= kept),
+        "resumed at {kept}: {:?}",
+        seen.first()
+    );
+    assert!(!schema_exists(&env, "worlds_shadow").await, "swapped in");
+    live.stop().await;
+    let differing = env.rebuild_differences(worlds).await;
+    assert!(differing.is_empty(), "{differing:?}");
+    assert_eq!(
+        indexes(&env, "worlds").await,
+        indexes(&env, "worlds_rebuild").await
+    );
+    env.cleanup().await;
+}
+
+async fn wait_caught_up_one(env: &TestEnv, name: &str) {
+    let projector = registry::by_name(name).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !env.caught_up(name, projector.as_ref()).await {
+        assert!(Instant::now() < deadline, "{name} behind");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_projector_replayed_together_reports_progress_towards_its_target_and_equals_a_rebuild()
+ {
+    let env = TestEnv::new(2).await;
+    append_history(&env, 5, 6_000, 11).await;
+    let mut settings = env.settings.clone();
+    settings.projector.batch_max_records = 8;
+    let rebuilds: Vec<Rebuild> = registry::all()
+        .into_iter()
+        .map(|p| Rebuild::new(&settings, env.pool.clone(), p, "shadow").unwrap())
+        .collect();
+    let seen: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let record = {
+        let seen = seen.clone();
+        move |p: Progress| seen.lock().unwrap().push(p)
+    };
+    replay_together(&rebuilds, &record, &CancellationToken::new())
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.len() > 2, "progress reported along the way: {seen:?}");
+    assert!(seen.iter().all(|p| p.target > 0 && p.done <= p.target));
+    assert!(
+        seen.windows(2).all(|w| w[1].done >= w[0].done),
+        "done never goes back: {seen:?}"
+    );
+    assert!(
+        seen.windows(2).any(|w| w[1].done > w[0].done),
+        "done grows: {seen:?}"
+    );
+    let last = seen.last().unwrap();
+    assert_eq!(last.done, last.target, "ends at its target");
+    assert!(
+        seen.iter()
+            .any(|p| p.rate > 0.0 && p.eta_seconds().is_some()),
+        "a rate and an ETA: {seen:?}"
+    );
+    for projector in registry::all() {
+        let differing = env.rebuild_differences(projector.clone()).await;
+        assert!(differing.is_empty(), "{}: {differing:?}", projector.name());
+        let name = projector.name();
+        assert_eq!(
+            indexes(&env, name).await,
+            indexes(&env, &format!("{name}_rebuild")).await,
+            "{name}: every key and index of a migrated schema"
+        );
+    }
+    env.cleanup().await;
+}
+
+/// Runs `worldline replay` with `args` against the test's stack slice; when
+/// `interrupt` is set, sends SIGINT once a progress line shows it half-way.
+fn run_replay(env: &TestEnv, args: &[&str], interrupt: bool) -> (bool, String, String) {
+    let mut child = Command::new(worldline_binary())
+        .arg("replay")
+        .args(args)
+        .envs(env.child_env())
+        // Small batches: many commits, so SIGINT lands mid-rebuild.
+        .env("WORLDLINE__PROJECTOR__BATCH_MAX_RECORDS", "2")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let pid = child.id();
+    let reading = std::thread::spawn(move || {
+        let (mut text, mut signalled) = (String::new(), !interrupt);
+        let mut buffer = [0u8; 4096];
+        loop {
+            let n = stderr.read(&mut buffer).unwrap_or(0);
+            if n == 0 {
+                return text;
+            }
+            text.push_str(&String::from_utf8_lossy(&buffer[..n]));
+            if !signalled
+                && let Some((done, target)) = last_progress(&text)
+                && done > 0
+                && done < target
+            {
+                let sent = Command::new("kill")
+                    .args(["-INT", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                assert!(sent.success());
+                signalled = true;
+            }
+        }
+    });
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let status = child.wait().unwrap();
+    (status.success(), stdout, reading.join().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_command_shows_progress_keeps_an_interrupted_shadow_and_aborts_or_resumes_it() {
+    let env = TestEnv::new(2).await;
+    let total = append_history(&env, 4, 6_000, 29).await;
+
+    let (ok, _, stderr) = run_replay(&env, &["worlds"], true);
+    assert!(!ok, "an interrupted replay fails: {stderr}");
+    let (done, target) = last_progress(&stderr).unwrap();
+    assert!(done > 0 && target == total, "{stderr}");
+    assert!(
+        stderr.contains("rec/s") && stderr.contains("ETA"),
+        "a progress line with rate and ETA: {stderr}"
+    );
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(stored_total(&env, "worlds_shadow").await > 0, "shadow kept");
+
+    let (ok, stdout, stderr) = run_replay(&env, &["worlds", "--abort"], false);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("dropped worlds_shadow"), "{stdout}");
+    assert!(
+        !schema_exists(&env, "worlds_shadow").await,
+        "abort drops it"
+    );
+
+    let (ok, _, stderr) = run_replay(&env, &["worlds"], true);
+    assert!(!ok, "{stderr}");
+    let (ok, stdout, stderr) = run_replay(&env, &["worlds"], false);
+    assert!(ok, "the rerun finishes: {stderr}");
+    assert!(stdout.contains("swapped in"), "{stdout}");
+    assert!(!schema_exists(&env, "worlds_shadow").await);
+    let differing = env
+        .rebuild_differences(registry::by_name("worlds").unwrap())
+        .await;
+    assert!(differing.is_empty(), "{differing:?}");
+
+    // Every projector in one pass over the log.
+    let (ok, stdout, stderr) = run_replay(&env, &["--all"], false);
+    assert!(ok, "{stderr}");
+    for projector in registry::all() {
+        let name = projector.name();
+        assert!(
+            stdout.contains(&format!("{name}: rebuilt from the log and swapped in")),
+            "{stdout}"
+        );
+        assert_eq!(
+            stored_total(&env, name).await,
+            total_of(&env, projector.as_ref()),
+            "{name} stands at the end of its topics"
+        );
+    }
+    env.cleanup().await;
+}
+
+/// Records in the topics `projector` reads.
+fn total_of(env: &TestEnv, projector: &dyn worldline_projectors::Projector) -> i64 {
+    projector
+        .families()
+        .iter()
+        .map(|f| env.high_watermarks(&env.topic(*f)).values().sum::<i64>())
+        .sum()
 }
