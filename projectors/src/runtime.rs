@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
@@ -23,7 +24,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use sqlx::{AssertSqlSafe, Connection, PgPool};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use worldline_ops::Health;
 use worldline_ops::config::KafkaSettings;
@@ -32,15 +33,48 @@ use worldline_schemas::decode_envelope;
 
 use crate::projector::{ApplyError, Event, Projector};
 use crate::store::{
-    DeadLetter, SchemaName, compare_and_set_offset, insert_dead_letters, load_offsets,
+    DeadLetter, OffsetMove, SchemaName, compare_and_set_offsets, insert_dead_letters, load_offsets,
     prepare_schema, record_log_ends,
 };
 
 /// Where each assigned partition stands: `None` when no offset row exists yet.
 type Positions = Arc<Mutex<HashMap<(String, i32), Option<i64>>>>;
 
-/// Each partition's high watermark as last reported by librdkafka's statistics.
-type HighWatermarks = Arc<Mutex<HashMap<(String, i32), i64>>>;
+/// Each partition's high watermark, and when the set was last refreshed.
+#[derive(Debug, Default)]
+struct LogEnds {
+    ends: HashMap<(String, i32), i64>,
+    refreshed_at: Option<Instant>,
+}
+
+type SharedLogEnds = Arc<Mutex<LogEnds>>;
+
+/// The Kafka timestamp (ms) of the oldest record of each partition that this
+/// instance has read but not yet committed: what `lag_seconds` measures from.
+type Unapplied = Arc<Mutex<HashMap<(String, i32), i64>>>;
+
+/// How often lag is reported; librdkafka's statistics (the usual source of
+/// high watermarks) arrive every `statistics.interval.ms` = 1 s.
+const LAG_REPORT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Statistics are delivered only while the consumer is polled, which stops while
+/// a batch is retried; past this age the lag reporter asks the brokers itself.
+const STALE_LOG_ENDS: Duration = Duration::from_millis(2500);
+
+/// Longest a batch's transaction may sit idle between two statements before
+/// PostgreSQL ends the session. A healthy batch sends its statements back to
+/// back (milliseconds apart); an instance frozen mid-batch (SIGSTOP, a VM
+/// pause, a debugger) holds row locks on `projector_offsets` and would stall
+/// its partitions for every other instance until it woke up. The server
+/// ending its session rolls the whole batch back, releases the locks, and the
+/// instance that now owns the partitions goes on; see DESIGN.md, "Zombies".
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
+
+/// How often applied positions are mirrored into Kafka's committed offsets.
+/// They are read only by lag tools (Postgres decides where to start), so a
+/// second of delay costs nothing, while a commit per batch would be hundreds
+/// of requests per second to the group coordinator under load.
+const KAFKA_MIRROR_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How one projector instance runs.
 #[derive(Debug, Clone)]
@@ -93,7 +127,8 @@ struct ProjectorContext {
     shutdown: CancellationToken,
     health: Health,
     name: &'static str,
-    high_watermarks: HighWatermarks,
+    log_ends: SharedLogEnds,
+    unapplied: Unapplied,
 }
 
 impl ClientContext for ProjectorContext {
@@ -101,14 +136,17 @@ impl ClientContext for ProjectorContext {
     /// partition's high watermark, which lag is measured against without
     /// another round trip to the brokers.
     fn stats(&self, statistics: rdkafka::Statistics) {
-        let mut high = lock(&self.high_watermarks);
+        let mut log_ends = lock(&self.log_ends);
         for (topic_name, topic) in statistics.topics {
             for (partition, stats) in topic.partitions {
                 if partition >= 0 && stats.hi_offset >= 0 {
-                    high.insert((topic_name.clone(), partition), stats.hi_offset);
+                    log_ends
+                        .ends
+                        .insert((topic_name.clone(), partition), stats.hi_offset);
                 }
             }
         }
+        log_ends.refreshed_at = Some(Instant::now());
     }
 }
 
@@ -136,20 +174,31 @@ impl ConsumerContext for ProjectorContext {
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
                 let mut positions = lock(&self.positions);
-                for (topic, partition) in assigned {
-                    let offset = stored.get(&(topic.clone(), partition)).copied();
+                let mut unapplied = lock(&self.unapplied);
+                for (topic, partition) in &assigned {
+                    let key = (topic.clone(), *partition);
+                    let offset = stored.get(&key).copied();
                     let start = offset.map(Offset::Offset).unwrap_or(Offset::Beginning);
-                    if let Err(error) = tpl.set_partition_offset(&topic, partition, start) {
+                    if let Err(error) = tpl.set_partition_offset(topic, *partition, start) {
                         tracing::error!(%error, topic, partition, "could not set start offset");
                     }
-                    positions.insert((topic, partition), offset);
+                    unapplied.remove(&key);
+                    positions.insert(key, offset);
+                    self.set_owned(topic, *partition, true);
                 }
+                drop(unapplied);
                 drop(positions);
-                tracing::info!(
-                    projector = self.name,
-                    partitions = tpl.count(),
-                    "partitions assigned; starting from stored offsets"
-                );
+                metrics::counter!("worldline_projector_partitions_assigned_total", "projector" => self.name)
+                    .increment(assigned.len() as u64);
+                // A cooperative round that moves nothing here assigns an empty set.
+                if !assigned.is_empty() {
+                    tracing::info!(
+                        projector = self.name,
+                        partitions = ?assigned,
+                        incremental = cooperative,
+                        "partitions assigned; starting from stored offsets"
+                    );
+                }
                 let result = if cooperative {
                     base_consumer.incremental_assign(tpl)
                 } else {
@@ -160,14 +209,29 @@ impl ConsumerContext for ProjectorContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let revoked: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
                 let mut positions = lock(&self.positions);
-                for element in tpl.elements() {
-                    positions.remove(&(element.topic().to_owned(), element.partition()));
+                let mut unapplied = lock(&self.unapplied);
+                for key in &revoked {
+                    positions.remove(key);
+                    unapplied.remove(key);
+                    self.set_owned(&key.0, key.1, false);
                 }
+                drop(unapplied);
                 drop(positions);
+                // With cooperative rebalancing an instance gives up only the
+                // partitions that move; this counter shows it (an eager
+                // protocol would revoke everything on every join).
+                metrics::counter!("worldline_projector_partitions_revoked_total", "projector" => self.name)
+                    .increment(revoked.len() as u64);
                 tracing::info!(
                     projector = self.name,
-                    partitions = tpl.count(),
+                    partitions = ?revoked,
+                    lost = base_consumer.assignment_lost(),
                     "partitions revoked"
                 );
                 let result = if cooperative {
@@ -181,7 +245,12 @@ impl ConsumerContext for ProjectorContext {
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error; dropping the assignment");
-                lock(&self.positions).clear();
+                let dropped: Vec<(String, i32)> =
+                    lock(&self.positions).drain().map(|(k, _)| k).collect();
+                lock(&self.unapplied).clear();
+                for (topic, partition) in &dropped {
+                    self.set_owned(topic, *partition, false);
+                }
                 if let Err(error) = base_consumer.unassign() {
                     tracing::error!(%error, "unassign failed");
                 }
@@ -191,6 +260,18 @@ impl ConsumerContext for ProjectorContext {
 }
 
 impl ProjectorContext {
+    /// `worldline_projector_partition_owned` is 1 for each partition this
+    /// instance applies, so an operator (or a test) sees who owns what.
+    fn set_owned(&self, topic: &str, partition: i32, owned: bool) {
+        metrics::gauge!(
+            "worldline_projector_partition_owned",
+            "projector" => self.name,
+            "topic" => topic.to_owned(),
+            "partition" => partition.to_string()
+        )
+        .set(if owned { 1.0 } else { 0.0 });
+    }
+
     /// Loads stored offsets from inside the (synchronous) rebalance callback,
     /// retrying until the database answers or shutdown is requested.
     fn load_offsets_blocking(&self) -> Option<HashMap<(String, i32), i64>> {
@@ -297,7 +378,24 @@ impl ProjectorRuntime {
 
     /// Consumes and applies until `shutdown` fires. Must run on a multi-thread
     /// Tokio runtime: the rebalance callback reads offsets from Postgres.
+    ///
+    /// An error means this projector halted for good; its readiness check
+    /// (`projector <name>`) stays failed, so no other projector of the same
+    /// process can mask it.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
+        let name = self.projector.name();
+        let result = self.consume(shutdown).await;
+        if let Err(error) = &result {
+            metrics::counter!("worldline_projector_halted_total", "projector" => name).increment(1);
+            self.health.set(
+                &format!("projector {name}"),
+                Err(format!("halted: {error}")),
+            );
+        }
+        result
+    }
+
+    async fn consume(&self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
         let name = self.projector.name();
         let schema = self.options.schema.clone();
         prepare_schema(&self.pool, &schema, self.projector.as_ref())
@@ -307,11 +405,14 @@ impl ProjectorRuntime {
                 source,
             })?;
         self.health.set("postgres", Ok(()));
+        self.health.set(&format!("projector {name}"), Ok(()));
 
         let positions: Positions = Arc::default();
-        let high_watermarks: HighWatermarks = Arc::default();
+        let log_ends: SharedLogEnds = Arc::default();
+        let unapplied: Unapplied = Arc::default();
         let context = ProjectorContext {
-            high_watermarks: high_watermarks.clone(),
+            log_ends: log_ends.clone(),
+            unapplied: unapplied.clone(),
             pool: self.pool.clone(),
             schema: schema.clone(),
             topics: self.options.topics.clone(),
@@ -358,60 +459,81 @@ impl ProjectorRuntime {
                 // Statistics feed the lag metrics (high watermarks per partition).
                 .set("statistics.interval.ms", "1000")
                 .create_with_context(context)?;
+        let consumer = Arc::new(consumer);
         let topics: Vec<&str> = self.options.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         self.health.set("kafka", Ok(()));
         tracing::info!(projector = name, schema = schema.as_str(), group = %self.options.group_id, ?topics, "projector started");
 
-        let mut last_lag_report = Instant::now();
-        let mut recorded_ends = RecordedEnds::default();
-        let mut last_applied_ts: HashMap<(String, i32), i64> = HashMap::new();
-        loop {
-            let batch = match self.collect_batch(&consumer, &shutdown).await {
+        // Lag is reported beside the batch loop, not from it: a batch retried
+        // through a database outage must not freeze the very gauges that show
+        // the outage.
+        let stop_reporting = CancellationToken::new();
+        let reporter = LagReporter {
+            name,
+            pool: self.pool.clone(),
+            schema: schema.clone(),
+            consumer: consumer.clone(),
+            positions: positions.clone(),
+            log_ends,
+            unapplied: unapplied.clone(),
+        };
+        let reporting = tokio::spawn(reporter.run(stop_reporting.clone()));
+        let result = self
+            .apply_until_stopped(&consumer, &positions, &unapplied, &shutdown)
+            .await;
+        stop_reporting.cancel();
+        if let Err(error) = reporting.await {
+            tracing::warn!(%error, "lag reporter failed");
+        }
+        if result.is_ok() {
+            tracing::info!(projector = name, "projector stopping; leaving the group");
+            consumer.unsubscribe();
+        }
+        result
+    }
+
+    async fn apply_until_stopped(
+        &self,
+        consumer: &StreamConsumer<ProjectorContext>,
+        positions: &Positions,
+        unapplied: &Unapplied,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RuntimeError> {
+        let name = self.projector.name();
+        let mut state = BatchLoop::new(&self.pool);
+        let result = loop {
+            let batch = match self.collect_batch(consumer, shutdown).await {
                 Ok(batch) => batch,
                 Err(error) => {
                     self.health.set("kafka", Err(error.to_string()));
-                    metrics::counter!("worldline_projector_halted_total", "projector" => name)
-                        .increment(1);
-                    return Err(error);
+                    break Err(error);
                 }
             };
             if !batch.is_empty() {
                 let started = Instant::now();
                 let applied = self
-                    .apply_with_retry(
-                        &consumer,
-                        &positions,
-                        batch,
-                        &shutdown,
-                        &mut last_applied_ts,
-                    )
+                    .apply_with_retry(&mut state, consumer, positions, unapplied, batch, shutdown)
                     .await;
                 metrics::histogram!("worldline_projector_batch_duration_seconds", "projector" => name)
                     .record(started.elapsed().as_secs_f64());
                 if !applied {
-                    break;
+                    break Ok(());
                 }
             }
-            if last_lag_report.elapsed() >= Duration::from_millis(500) {
-                report_lag(&positions, &high_watermarks, &last_applied_ts, name);
-                self.record_log_ends(&positions, &high_watermarks, &mut recorded_ends)
-                    .await;
-                last_lag_report = Instant::now();
-            }
+            state.mirror.flush_if_due(consumer, positions);
             if shutdown.is_cancelled() {
-                break;
+                break Ok(());
             }
             if let Some(stop) = &self.options.stop_at
-                && reached(&lock(&positions), stop)
+                && reached(&lock(positions), stop)
             {
                 tracing::info!(projector = name, "reached the requested stop offsets");
-                break;
+                break Ok(());
             }
-        }
-        tracing::info!(projector = name, "projector stopping; leaving the group");
-        consumer.unsubscribe();
-        Ok(())
+        };
+        state.mirror.flush(consumer, positions);
+        result
     }
 
     /// Waits for a first record (or shutdown, or one second for housekeeping),
@@ -422,37 +544,48 @@ impl ProjectorRuntime {
         shutdown: &CancellationToken,
     ) -> Result<Vec<OwnedMessage>, RuntimeError> {
         let mut batch = Vec::new();
+        // One stream for the whole batch: each `recv()` would register and
+        // drop a waker slot per record.
+        let mut stream = consumer.stream();
         let first = tokio::select! {
             _ = shutdown.cancelled() => return Ok(batch),
             _ = tokio::time::sleep(Duration::from_secs(1)) => return Ok(batch),
-            received = consumer.recv() => received,
+            received = stream.next() => received,
         };
         if let Some(message) = self.accept(first)? {
             batch.push(message);
         }
         let deadline = tokio::time::Instant::now() + self.options.batch_max_wait;
         while batch.len() < self.options.batch_max_records {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(received) => {
-                    if let Some(message) = self.accept(received)? {
-                        batch.push(message);
-                    }
-                }
-                Err(_elapsed) => break,
+            // Records already fetched join without a timer; only an empty
+            // queue waits, until the batch's deadline.
+            let received = match stream.next().now_or_never() {
+                Some(received) => received,
+                None => match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(received) => received,
+                    Err(_elapsed) => break,
+                },
+            };
+            if let Some(message) = self.accept(received)? {
+                batch.push(message);
             }
+        }
+        if !batch.is_empty() {
+            self.health.set("kafka", Ok(()));
         }
         Ok(batch)
     }
 
     fn accept(
         &self,
-        received: Result<rdkafka::message::BorrowedMessage<'_>, KafkaError>,
+        received: Option<Result<rdkafka::message::BorrowedMessage<'_>, KafkaError>>,
     ) -> Result<Option<OwnedMessage>, RuntimeError> {
+        // A consumer's stream never ends; `None` cannot happen.
+        let Some(received) = received else {
+            return Ok(None);
+        };
         match received {
-            Ok(message) => {
-                self.health.set("kafka", Ok(()));
-                Ok(Some(message.detach()))
-            }
+            Ok(message) => Ok(Some(message.detach())),
             // With auto.offset.reset=error librdkafka reports the reset it refused
             // to do; either code means a stored position is outside the log.
             Err(
@@ -480,11 +613,12 @@ impl ProjectorRuntime {
     /// requested. Returns false when it gave up because of shutdown.
     async fn apply_with_retry(
         &self,
+        state: &mut BatchLoop,
         consumer: &StreamConsumer<ProjectorContext>,
         positions: &Positions,
+        unapplied: &Unapplied,
         batch: Vec<OwnedMessage>,
         shutdown: &CancellationToken,
-        last_applied_ts: &mut HashMap<(String, i32), i64>,
     ) -> bool {
         let name = self.projector.name();
         // Keep only records of partitions we still own, at or past our position.
@@ -508,11 +642,24 @@ impl ProjectorRuntime {
             return true;
         }
         let mut next_offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut oldest_timestamps: Vec<((String, i32), i64)> = Vec::new();
         for message in &batch {
-            let entry = next_offsets
-                .entry((message.topic().to_owned(), message.partition()))
-                .or_insert(0);
+            let key = (message.topic().to_owned(), message.partition());
+            if !next_offsets.contains_key(&key)
+                && let Some(ts) = message.timestamp().to_millis()
+            {
+                // Records of a partition arrive in log order: its first one
+                // here is the oldest it has not applied.
+                oldest_timestamps.push((key.clone(), ts));
+            }
+            let entry = next_offsets.entry(key).or_insert(0);
             *entry = (*entry).max(message.offset() + 1);
+        }
+        {
+            let mut unapplied = lock(unapplied);
+            for (key, ts) in oldest_timestamps {
+                unapplied.entry(key).or_insert(ts);
+            }
         }
         let (mut events, mut dead_letters) = decode_batch(&batch);
         let mut published = 0usize;
@@ -536,12 +683,22 @@ impl ProjectorRuntime {
                     }
                 }
             }
-            match self
-                .commit_batch(&snapshot, &next_offsets, &events, &dead_letters)
-                .await
-            {
+            let outcome = self
+                .commit_batch(state, &snapshot, &next_offsets, &events, &dead_letters)
+                .await;
+            if outcome.is_err() {
+                // Whatever failed, the session may be gone or mid-transaction:
+                // the retry starts on a new connection.
+                state.connection = None;
+            }
+            match outcome {
                 Ok(BatchOutcome::Committed) => {
                     self.health.set("postgres", Ok(()));
+                    let mut pending = lock(unapplied);
+                    for key in next_offsets.keys() {
+                        pending.remove(key);
+                    }
+                    drop(pending);
                     let mut owned = lock(positions);
                     for (key, next) in &next_offsets {
                         if let Some(position) = owned.get_mut(key) {
@@ -557,13 +714,7 @@ impl ProjectorRuntime {
                         metrics::counter!("worldline_dead_letters_total", "projector" => name)
                             .increment(dead_letters.len() as u64);
                     }
-                    for message in &batch {
-                        if let Some(ts) = message.timestamp().to_millis() {
-                            last_applied_ts
-                                .insert((message.topic().to_owned(), message.partition()), ts);
-                        }
-                    }
-                    commit_to_kafka(consumer, &next_offsets);
+                    state.mirror.applied(&next_offsets);
                     return true;
                 }
                 Ok(BatchOutcome::Conflict(partitions)) => {
@@ -580,6 +731,10 @@ impl ProjectorRuntime {
                     // compare-and-set (expected offset unchanged) cannot see.
                     let in_batch: Vec<(String, i32)> = next_offsets.keys().cloned().collect();
                     self.resync(consumer, positions, &in_batch).await;
+                    let mut pending = lock(unapplied);
+                    for key in &in_batch {
+                        pending.remove(key);
+                    }
                     return true;
                 }
                 Err(ApplyError::Rejected { index, reason }) if index < events.len() => {
@@ -611,45 +766,6 @@ impl ProjectorRuntime {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-        }
-    }
-
-    /// Stores the log ends of owned partitions that moved (or were last stored
-    /// long ago, so readers can tell a live figure from a stale one). Best
-    /// effort: lag reporting never holds up or fails the projector.
-    async fn record_log_ends(
-        &self,
-        positions: &Positions,
-        high_watermarks: &HighWatermarks,
-        recorded: &mut RecordedEnds,
-    ) {
-        let high_watermarks = lock(high_watermarks).clone();
-        let refresh_all = recorded
-            .at
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(5));
-        let ends: Vec<(String, i32, i64)> = lock(positions)
-            .keys()
-            .filter_map(|key| {
-                let end = *high_watermarks.get(key)?;
-                (refresh_all || recorded.ends.get(key) != Some(&end))
-                    .then(|| (key.0.clone(), key.1, end))
-            })
-            .collect();
-        if ends.is_empty() {
-            return;
-        }
-        let write = record_log_ends(&self.pool, &self.options.schema, &ends);
-        match tokio::time::timeout(Duration::from_secs(1), write).await {
-            Ok(Ok(())) => {
-                for (topic, partition, end) in ends {
-                    recorded.ends.insert((topic, partition), end);
-                }
-                if refresh_all {
-                    recorded.at = Some(Instant::now());
-                }
-            }
-            Ok(Err(error)) => tracing::debug!(%error, "could not record log ends"),
-            Err(_elapsed) => tracing::debug!("recording log ends timed out"),
         }
     }
 
@@ -690,56 +806,71 @@ impl ProjectorRuntime {
     }
 
     /// One transaction: move offsets (compare-and-set, first, so a conflict costs
-    /// nothing), apply the events, record dead letters, commit.
+    /// nothing), apply the events, record dead letters, commit. The offsets,
+    /// the progress notification and the transaction's settings cost two
+    /// round trips together; the read model's statements come on top, then the
+    /// commit.
     async fn commit_batch(
         &self,
+        state: &mut BatchLoop,
         expected: &HashMap<(String, i32), Option<i64>>,
         next_offsets: &BTreeMap<(String, i32), i64>,
         events: &[Event],
         dead_letters: &[DeadLetter],
     ) -> Result<BatchOutcome, ApplyError> {
         let schema = &self.options.schema;
-        let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
-        // Shared with every other batch of this schema, exclusive for a schema
-        // swap (`replay`): a swap waits for in-flight batches, and a batch that
-        // starts during a swap resolves every name after it, in the new schema.
-        sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtext('worldline.schema.' || $1))")
-            .bind(schema.as_str())
-            .execute(&mut *tx)
+        let conn = state.connection().await?;
+        // The transaction starts with its settings, in one simple-query message
+        // (so one round trip, and no moment at which the server waits on this
+        // client with a transaction open but no timeout in force):
+        // - `idle_in_transaction_session_timeout`: a frozen instance's session
+        //   is ended by the server, its locks released (see the constant);
+        // - `synchronous_commit = off`: the commit returns once its WAL is
+        //   written, not flushed; rows and offsets stay atomic together, and a
+        //   server crash that loses the last commits loses both, which the
+        //   next compare-and-set detects (see DESIGN.md, "Durability");
+        // - the advisory lock: shared with every other batch of this schema,
+        //   exclusive for a schema swap (`replay`): a swap waits for in-flight
+        //   batches, and a batch that starts during a swap resolves every name
+        //   after it, in the new schema;
+        // - `search_path` aims the projector's unqualified names at the schema;
+        // - `lock_timeout`: a wait on rows a frozen instance holds becomes a
+        //   retried error instead of a wait as long as its freeze;
+        // - the progress notification: delivered at commit, only if it commits,
+        //   it wakes API requests waiting for read-your-writes (a hint only;
+        //   waiters re-read the offsets).
+        // Every value is a constant or a validated schema name.
+        let s = schema.as_str();
+        let mut tx = conn
+            .begin_with(AssertSqlSafe(format!(
+                "BEGIN;
+                 SET LOCAL idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}';
+                 SET LOCAL synchronous_commit = off;
+                 SELECT pg_advisory_xact_lock_shared(hashtext('worldline.schema.{s}'));
+                 SET LOCAL search_path TO {s};
+                 SET LOCAL lock_timeout = '5s';
+                 SELECT pg_notify('worldline_progress', '{s}')"
+            )))
             .await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "SET LOCAL search_path TO {}",
-            schema.as_str()
-        )))
-        .execute(&mut *tx)
-        .await?;
-        // A paused instance holding these rows must not stall the live one for long.
-        sqlx::query("SET LOCAL lock_timeout = '5s'")
-            .execute(&mut *tx)
-            .await?;
-        let mut conflicts = Vec::new();
-        for ((topic, partition), next) in next_offsets {
-            let was = expected
-                .get(&(topic.clone(), *partition))
-                .copied()
-                .flatten();
-            if !compare_and_set_offset(&mut tx, schema, topic, *partition, was, *next).await? {
-                conflicts.push((topic.clone(), *partition));
-            }
-        }
+        let moves: Vec<OffsetMove> = next_offsets
+            .iter()
+            .map(|((topic, partition), next)| OffsetMove {
+                topic: topic.clone(),
+                partition: *partition,
+                expected: expected
+                    .get(&(topic.clone(), *partition))
+                    .copied()
+                    .flatten(),
+                next: *next,
+            })
+            .collect();
+        let conflicts = compare_and_set_offsets(&mut tx, schema, &moves).await?;
         if !conflicts.is_empty() {
             tx.rollback().await?;
             return Ok(BatchOutcome::Conflict(conflicts));
         }
         self.projector.apply(&mut tx, events).await?;
         insert_dead_letters(&mut tx, schema, dead_letters).await?;
-        // Delivered at commit, only if it commits: wakes API requests waiting
-        // for read-your-writes. A hint only; waiters re-read the offsets.
-        sqlx::query("SELECT pg_notify('worldline_progress', $1)")
-            .bind(schema.as_str())
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(BatchOutcome::Committed)
     }
@@ -835,53 +966,260 @@ fn decode_batch(batch: &[OwnedMessage]) -> (Vec<Event>, Vec<DeadLetter>) {
     (events, dead_letters)
 }
 
-/// Mirrors the committed positions into Kafka so `kafka-consumer-groups` and
-/// other lag tools see progress. Best effort: Postgres is the truth.
-fn commit_to_kafka(
-    consumer: &StreamConsumer<ProjectorContext>,
-    next_offsets: &BTreeMap<(String, i32), i64>,
-) {
-    let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), next) in next_offsets {
-        if tpl
-            .add_partition_offset(topic, *partition, Offset::Offset(*next))
-            .is_err()
-        {
-            return;
+/// What the batch loop keeps from one batch to the next.
+struct BatchLoop {
+    connect_options: Arc<sqlx::postgres::PgConnectOptions>,
+    /// The session batches are applied on, opened on first use and dropped
+    /// after any failure. Its own, not the pool's: the pool checks a
+    /// connection on every acquire, one more round trip per batch.
+    connection: Option<PgConnection>,
+    mirror: KafkaMirror,
+}
+
+impl BatchLoop {
+    fn new(pool: &PgPool) -> BatchLoop {
+        BatchLoop {
+            connect_options: pool.connect_options(),
+            connection: None,
+            mirror: KafkaMirror::default(),
         }
     }
-    if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
-        tracing::debug!(%error, "async offset commit to Kafka failed (informational only)");
+
+    async fn connection(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        let connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => PgConnection::connect_with(&self.connect_options).await?,
+        };
+        Ok(self.connection.insert(connection))
     }
 }
 
-fn report_lag(
-    positions: &Positions,
-    high_watermarks: &HighWatermarks,
-    last_applied_ts: &HashMap<(String, i32), i64>,
+/// Mirrors the committed positions into Kafka so `kafka-consumer-groups` and
+/// other lag tools see progress, at most every [`KAFKA_MIRROR_INTERVAL`].
+/// Best effort: Postgres is the truth.
+#[derive(Default)]
+struct KafkaMirror {
+    pending: BTreeMap<(String, i32), i64>,
+    last: Option<Instant>,
+}
+
+impl KafkaMirror {
+    fn applied(&mut self, next_offsets: &BTreeMap<(String, i32), i64>) {
+        for (key, next) in next_offsets {
+            self.pending.insert(key.clone(), *next);
+        }
+    }
+
+    fn flush_if_due(&mut self, consumer: &StreamConsumer<ProjectorContext>, positions: &Positions) {
+        if self
+            .last
+            .is_none_or(|at| at.elapsed() >= KAFKA_MIRROR_INTERVAL)
+        {
+            self.flush(consumer, positions);
+        }
+    }
+
+    /// Commits the pending positions of partitions this instance still owns.
+    fn flush(&mut self, consumer: &StreamConsumer<ProjectorContext>, positions: &Positions) {
+        if self.pending.is_empty() {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let owned = lock(positions);
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), next) in std::mem::take(&mut self.pending) {
+            if !owned.contains_key(&(topic.clone(), partition)) {
+                continue;
+            }
+            if tpl
+                .add_partition_offset(&topic, partition, Offset::Offset(next))
+                .is_err()
+            {
+                return;
+            }
+        }
+        drop(owned);
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(error) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(%error, "async offset commit to Kafka failed (informational only)");
+        }
+    }
+}
+
+/// Reports lag per owned partition every [`LAG_REPORT_INTERVAL`], whatever the
+/// batch loop is doing, and stores log ends for readers without a Kafka client.
+struct LagReporter {
     name: &'static str,
-) {
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    let high_watermarks = lock(high_watermarks).clone();
-    for ((topic, partition), position) in lock(positions).iter() {
-        let Some(&high) = high_watermarks.get(&(topic.clone(), *partition)) else {
-            continue;
-        };
-        let lag = (high - position.unwrap_or(0)).max(0);
+    pool: PgPool,
+    schema: SchemaName,
+    consumer: Arc<StreamConsumer<ProjectorContext>>,
+    positions: Positions,
+    log_ends: SharedLogEnds,
+    unapplied: Unapplied,
+}
+
+/// What the reporter remembers about a partition between two reports.
+struct Reported {
+    position: Option<i64>,
+    /// When `position` last changed (or the partition was first seen).
+    since: Instant,
+}
+
+impl LagReporter {
+    async fn run(self, stop: CancellationToken) {
+        let mut reported: HashMap<(String, i32), Reported> = HashMap::new();
+        let mut recorded = RecordedEnds::default();
+        let mut every = tokio::time::interval(LAG_REPORT_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let owned = lock(&self.positions).clone();
+            self.refresh_stale_log_ends(&owned).await;
+            self.report(&owned, &mut reported);
+            self.record_log_ends(&owned, &mut recorded).await;
+        }
+    }
+
+    /// Statistics stop while the batch loop retries (they are delivered only
+    /// when the consumer is polled); then ask the partition leaders directly.
+    async fn refresh_stale_log_ends(&self, owned: &HashMap<(String, i32), Option<i64>>) {
+        let stale = lock(&self.log_ends)
+            .refreshed_at
+            .is_none_or(|at| at.elapsed() >= STALE_LOG_ENDS);
+        if !stale || owned.is_empty() {
+            return;
+        }
+        let consumer = self.consumer.clone();
+        let keys: Vec<(String, i32)> = owned.keys().cloned().collect();
+        let fetched = tokio::task::spawn_blocking(move || {
+            // One budget for all partitions, so an unreachable cluster delays
+            // the next report (and shutdown) by at most this much.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let mut ends = Vec::with_capacity(keys.len());
+            for (topic, partition) in keys {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match consumer.fetch_watermarks(&topic, partition, left) {
+                    Ok((_, high)) => ends.push(((topic, partition), high)),
+                    Err(error) => {
+                        tracing::debug!(%error, topic, partition, "could not fetch the log end");
+                        break;
+                    }
+                }
+            }
+            ends
+        })
+        .await
+        .unwrap_or_default();
+        if fetched.is_empty() {
+            return;
+        }
+        let mut log_ends = lock(&self.log_ends);
+        for (key, high) in fetched {
+            let end = log_ends.ends.entry(key).or_insert(high);
+            *end = (*end).max(high);
+        }
+        log_ends.refreshed_at = Some(Instant::now());
+    }
+
+    /// `lag_records`: records between the stored position and the log end.
+    /// `lag_seconds`: the age of the oldest record not yet applied, from its
+    /// Kafka timestamp once this instance has read it; until then (it is still
+    /// on the broker), the time since the partition last advanced or was
+    /// assigned, a lower bound. Both are 0 when the partition is caught up.
+    /// A partition that moved to another instance is reported as 0 here: its
+    /// new owner reports it, and sums across instances stay right.
+    fn report(
+        &self,
+        owned: &HashMap<(String, i32), Option<i64>>,
+        reported: &mut HashMap<(String, i32), Reported>,
+    ) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let ends = lock(&self.log_ends).ends.clone();
+        let unapplied = lock(&self.unapplied).clone();
+        reported.retain(|key, _| {
+            let keep = owned.contains_key(key);
+            if !keep {
+                self.set_lag(key, 0, 0.0);
+            }
+            keep
+        });
+        for (key, position) in owned {
+            let state = reported.entry(key.clone()).or_insert(Reported {
+                position: *position,
+                since: Instant::now(),
+            });
+            if state.position != *position {
+                state.position = *position;
+                state.since = Instant::now();
+            }
+            let Some(&high) = ends.get(key) else {
+                continue;
+            };
+            let records = (high - position.unwrap_or(0)).max(0);
+            let seconds = if records == 0 {
+                0.0
+            } else if let Some(&ts) = unapplied.get(key) {
+                ((now_ms - ts).max(0) as f64) / 1000.0
+            } else {
+                state.since.elapsed().as_secs_f64()
+            };
+            self.set_lag(key, records, seconds);
+        }
+    }
+
+    fn set_lag(&self, (topic, partition): &(String, i32), records: i64, seconds: f64) {
         let labels = [
-            ("projector", name.to_owned()),
+            ("projector", self.name.to_owned()),
             ("topic", topic.clone()),
             ("partition", partition.to_string()),
         ];
-        metrics::gauge!("worldline_projector_lag_records", &labels).set(lag as f64);
-        let seconds = if lag == 0 {
-            0.0
-        } else {
-            last_applied_ts
-                .get(&(topic.clone(), *partition))
-                .map(|ts| ((now_ms - ts).max(0) as f64) / 1000.0)
-                .unwrap_or(0.0)
-        };
+        metrics::gauge!("worldline_projector_lag_records", &labels).set(records as f64);
         metrics::gauge!("worldline_projector_lag_seconds", &labels).set(seconds);
+    }
+
+    /// Stores the log ends of owned partitions that moved (or were last stored
+    /// long ago, so readers can tell a live figure from a stale one). Best
+    /// effort: lag reporting never holds up or fails the projector.
+    async fn record_log_ends(
+        &self,
+        owned: &HashMap<(String, i32), Option<i64>>,
+        recorded: &mut RecordedEnds,
+    ) {
+        let known = lock(&self.log_ends).ends.clone();
+        let refresh_all = recorded
+            .at
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(5));
+        let ends: Vec<(String, i32, i64)> = owned
+            .keys()
+            .filter_map(|key| {
+                let end = *known.get(key)?;
+                (refresh_all || recorded.ends.get(key) != Some(&end))
+                    .then(|| (key.0.clone(), key.1, end))
+            })
+            .collect();
+        if ends.is_empty() {
+            return;
+        }
+        let write = record_log_ends(&self.pool, &self.schema, &ends);
+        match tokio::time::timeout(Duration::from_secs(1), write).await {
+            Ok(Ok(())) => {
+                for (topic, partition, end) in ends {
+                    recorded.ends.insert((topic, partition), end);
+                }
+                if refresh_all {
+                    recorded.at = Some(Instant::now());
+                }
+            }
+            Ok(Err(error)) => tracing::debug!(%error, "could not record log ends"),
+            Err(_elapsed) => tracing::debug!("recording log ends timed out"),
+        }
     }
 }

@@ -235,6 +235,69 @@ pub async fn compare_and_set_offset(
     Ok(affected == 1)
 }
 
+/// One partition's offset move in a batch: from what this instance loaded
+/// (`None`: no row existed) to the batch's end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffsetMove {
+    pub topic: String,
+    pub partition: i32,
+    pub expected: Option<i64>,
+    pub next: i64,
+}
+
+/// [`compare_and_set_offset`] for every partition of a batch in one statement
+/// (one round trip, however many partitions the batch spans). Returns the
+/// partitions another instance moved first; the caller rolls back if any.
+///
+/// Each row moves under the same rule as the single-partition form: an
+/// `UPDATE … WHERE next_offset = expected` that a concurrent commit makes
+/// re-check against the committed value (and fail), or an insert that must not
+/// conflict. Two instances that both believe they own overlapping partitions
+/// (a zombie and its successor) may lock the rows in different orders; the
+/// server then aborts one with a deadlock error, which is retried like any
+/// database error: it can delay a batch, never apply one twice.
+pub async fn compare_and_set_offsets(
+    tx: &mut PgConnection,
+    schema: &SchemaName,
+    moves: &[OffsetMove],
+) -> Result<Vec<(String, i32)>, sqlx::Error> {
+    if moves.is_empty() {
+        return Ok(Vec::new());
+    }
+    let s = schema.as_str();
+    let moved: Vec<(String, i32)> = sqlx::query_as(AssertSqlSafe(format!(
+        "WITH moves AS (
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::bigint[])
+               AS m(topic, partition, expected, next_offset)
+         ), updated AS (
+             UPDATE {s}.projector_offsets o SET next_offset = m.next_offset, updated_at = now()
+               FROM moves m
+              WHERE m.expected IS NOT NULL
+                AND o.topic = m.topic AND o.partition = m.partition
+                AND o.next_offset = m.expected
+             RETURNING o.topic, o.partition
+         ), inserted AS (
+             INSERT INTO {s}.projector_offsets (topic, partition, next_offset)
+             SELECT topic, partition, next_offset FROM moves WHERE expected IS NULL
+             ON CONFLICT (topic, partition) DO NOTHING
+             RETURNING topic, partition
+         )
+         SELECT topic, partition FROM updated UNION ALL SELECT topic, partition FROM inserted"
+    )))
+    .bind(moves.iter().map(|m| m.topic.as_str()).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.partition).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.expected).collect::<Vec<_>>())
+    .bind(moves.iter().map(|m| m.next).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let moved: std::collections::HashSet<(String, i32)> = moved.into_iter().collect();
+    Ok(moves
+        .iter()
+        .map(|m| (m.topic.clone(), m.partition))
+        .filter(|key| !moved.contains(key))
+        .collect())
+}
+
 /// A record that could not be applied.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {

@@ -11,6 +11,8 @@
 
 mod support;
 
+mod clock_restart;
 mod crashes;
 mod database_outage;
+mod dead_letters;
 mod zombie;

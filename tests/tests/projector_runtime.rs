@@ -3,15 +3,29 @@
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureRecord;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::migrate::Migrator;
+use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
+use worldline_ops::Health;
 use worldline_producers::{Appender, AppenderOptions};
 use worldline_projectors::read_models::clock::ClockProjector;
 use worldline_projectors::read_models::worlds::WorldsProjector;
-use worldline_projectors::store::{SchemaName, compare_and_set_offset, prepare_schema};
+use worldline_projectors::store::{
+    OffsetMove, SchemaName, compare_and_set_offset, compare_and_set_offsets, prepare_schema,
+};
+use worldline_projectors::{ApplyError, Event, Projector, RuntimeError};
 use worldline_schemas::envelope::{EnvelopeExt, new_envelope};
 use worldline_schemas::pb::envelope::Body;
 use worldline_schemas::pb::{ClockTicked, Envelope, Season};
@@ -188,6 +202,56 @@ async fn a_stale_offset_cannot_be_committed_twice() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_moves_every_partition_by_compare_and_set_in_one_statement() {
+    let env = TestEnv::new(1).await;
+    let schema = SchemaName::parse("clock").unwrap();
+    prepare_schema(&env.pool, &schema, &ClockProjector)
+        .await
+        .unwrap();
+    let mut conn = env.pool.acquire().await.unwrap();
+    let mv = |partition: i32, expected: Option<i64>, next: i64| OffsetMove {
+        topic: "t".to_owned(),
+        partition,
+        expected,
+        next,
+    };
+
+    // First batch of two partitions: no rows yet, both inserted.
+    let conflicts = compare_and_set_offsets(&mut conn, &schema, &[mv(0, None, 10), mv(1, None, 4)])
+        .await
+        .unwrap();
+    assert_eq!(conflicts, Vec::<(String, i32)>::new());
+    // A zombie that loaded partition 0 at 10 and partition 1 at "no row":
+    // partition 0 still matches, partition 1 does not; it is told which, and
+    // rolls its transaction back as the runtime does.
+    let mut tx = conn.begin().await.unwrap();
+    let conflicts =
+        compare_and_set_offsets(&mut tx, &schema, &[mv(0, Some(10), 30), mv(1, None, 9)])
+            .await
+            .unwrap();
+    assert_eq!(conflicts, vec![("t".to_owned(), 1)]);
+    tx.rollback().await.unwrap();
+    // The live instance moves both on, and a new partition besides.
+    let conflicts = compare_and_set_offsets(
+        &mut conn,
+        &schema,
+        &[mv(0, Some(10), 40), mv(1, Some(4), 8), mv(2, None, 1)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(conflicts, Vec::<(String, i32)>::new());
+    let stored: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM clock.projector_offsets ORDER BY partition",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(stored, vec![(0, 40), (1, 8), (2, 1)]);
+    drop(conn);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_projector_resumes_from_postgres_not_from_the_beginning() {
     let env = TestEnv::new(2).await;
     let world = WorldId::parse("resume").unwrap();
@@ -268,10 +332,124 @@ async fn a_restarted_projector_resumes_from_postgres_not_from_the_beginning() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_offset_outside_the_log_halts_the_projector_instead_of_skipping() {
-    let env = TestEnv::new(1).await;
-    let world = WorldId::parse("gap").unwrap();
+/// A projector runtime with its own `/readyz` and `/metrics` served over HTTP,
+/// as the `project` role serves them.
+struct Observed {
+    ops: String,
+    /// `worldline_projector_halted_total` of this projector before it started.
+    halted_at_start: f64,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), RuntimeError>>,
+}
+
+impl Observed {
+    async fn start(env: &TestEnv, projector: Arc<dyn Projector>) -> Observed {
+        let name = projector.name();
+        let health = Health::default();
+        let shutdown = CancellationToken::new();
+        let (addr, _server) = worldline_ops::health::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            worldline_ops::health::router(health.clone()),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let options = worldline_projectors::runtime_options(&env.settings, projector.as_ref());
+        let runtime = worldline_projectors::ProjectorRuntime::new(
+            projector,
+            env.pool.clone(),
+            env.settings.kafka.clone(),
+            options,
+            health,
+        );
+        let mut observed = Observed {
+            ops: format!("http://{addr}"),
+            halted_at_start: 0.0,
+            task: tokio::spawn(async { Ok(()) }),
+            shutdown,
+        };
+        // Read before the runtime starts, so its own halt cannot be missed.
+        observed.halted_at_start = observed.halted_total(name).await;
+        observed.task = tokio::spawn(runtime.run(observed.shutdown.clone()));
+        observed
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("{}{path}", self.ops)).await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    /// `worldline_projector_halted_total` of `projector` (0 before its first halt).
+    async fn halted_total(&self, projector: &str) -> f64 {
+        let (_, metrics) = self.get("/metrics").await;
+        let series = format!("projector=\"{projector}\"");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("worldline_projector_halted_total{") && l.contains(&series))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits for the runtime to stop by itself and returns why.
+    async fn halted(&mut self, timeout: Duration) -> RuntimeError {
+        let outcome = tokio::time::timeout(timeout, &mut self.task)
+            .await
+            .expect("the projector should have halted by itself");
+        match outcome.expect("projector task") {
+            Ok(()) => panic!("the projector stopped without an error"),
+            Err(error) => error,
+        }
+    }
+}
+
+/// Runs the clock projector from a stored position outside the log and checks
+/// that it halts, loudly, without applying or moving anything.
+async fn assert_halts_from(env: &TestEnv, stored: i64) {
+    let schema = SchemaName::parse("clock").unwrap();
+    prepare_schema(&env.pool, &schema, &ClockProjector)
+        .await
+        .unwrap();
+    let topic = env.topic(Family::Clock);
+    let mut conn = env.pool.acquire().await.unwrap();
+    assert!(
+        compare_and_set_offset(&mut conn, &schema, &topic, 0, None, stored)
+            .await
+            .unwrap()
+    );
+    drop(conn);
+
+    let mut observed = Observed::start(env, Arc::new(ClockProjector)).await;
+    let error = observed.halted(Duration::from_secs(30)).await;
+    assert!(
+        matches!(error, RuntimeError::OffsetOutOfRange { .. }),
+        "{error}"
+    );
+    assert!(
+        observed.halted_total("clock").await > observed.halted_at_start,
+        "worldline_projector_halted_total must count the halt"
+    );
+    let (status, readiness) = observed.get("/readyz").await;
+    assert_eq!(status, 503, "{readiness}");
+    assert!(
+        readiness.contains("projector clock: not ready: halted: offset out of range"),
+        "{readiness}"
+    );
+    assert_eq!(observed.get("/livez").await.0, 200, "halted, not dead");
+
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM clock.world_clock")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "nothing applied from a guessed position");
+    let left: i64 = sqlx::query_scalar("SELECT next_offset FROM clock.projector_offsets")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, stored, "the stored position is left for the operator");
+    observed.shutdown.cancel();
+}
+
+async fn append_ticks(env: &TestEnv, world: &WorldId, ticks: std::ops::RangeInclusive<u64>) {
     let appender = Appender::new(
         &env.settings.kafka,
         AppenderOptions {
@@ -280,48 +458,206 @@ async fn a_stored_offset_outside_the_log_halts_the_projector_instead_of_skipping
         },
     )
     .unwrap();
-    let batch: Vec<Envelope> = (1..=5).map(|n| tick(&world, n)).collect();
+    let batch: Vec<Envelope> = ticks.map(|n| tick(world, n)).collect();
     for result in appender.append_batch(&batch).await {
         result.unwrap();
     }
-    let schema = SchemaName::parse("clock").unwrap();
-    prepare_schema(&env.pool, &schema, &ClockProjector)
-        .await
-        .unwrap();
-    let topic = env.topic(Family::Clock);
-    let mut conn = env.pool.acquire().await.unwrap();
-    // A position past the end, as after the topic was deleted and re-created.
-    assert!(
-        compare_and_set_offset(&mut conn, &schema, &topic, 0, None, 1_000)
-            .await
-            .unwrap()
-    );
-    drop(conn);
+}
 
-    let error = env
-        .start_projector(Arc::new(ClockProjector))
-        .halted(Duration::from_secs(30))
-        .await;
-    assert!(
-        matches!(
-            error,
-            worldline_projectors::RuntimeError::OffsetOutOfRange { .. }
-        ),
-        "{error}"
-    );
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM clock.world_clock")
-        .fetch_one(&env.pool)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_offset_past_the_log_end_halts_the_projector_instead_of_skipping() {
+    let env = TestEnv::new(1).await;
+    append_ticks(&env, &WorldId::parse("gap").unwrap(), 1..=5).await;
+    // A position past the end, as after the topic was deleted and re-created.
+    assert_halts_from(&env, 1_000).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_offset_before_the_log_start_halts_the_projector_instead_of_skipping() {
+    let env = TestEnv::new(1).await;
+    append_ticks(&env, &WorldId::parse("gap").unwrap(), 1..=10).await;
+    // Records 0..5 deleted (retention, or an operator's delete-records): a
+    // stored position of 2 points at records that are gone. Skipping to 5
+    // would silently drop records 2..5 from the read model.
+    let topic = env.topic(Family::Clock);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &env.settings.kafka.bootstrap_servers)
+        .create()
+        .unwrap();
+    let mut before = TopicPartitionList::new();
+    before
+        .add_partition_offset(&topic, 0, Offset::Offset(5))
+        .unwrap();
+    let deleted = admin
+        .delete_records(&before, &AdminOptions::new())
         .await
         .unwrap();
-    assert_eq!(rows, 0, "nothing applied from a guessed position");
-    let stored: i64 = sqlx::query_scalar("SELECT next_offset FROM clock.projector_offsets")
-        .fetch_one(&env.pool)
+    let low = deleted.elements()[0].offset();
+    assert_eq!(low, Offset::Offset(5), "log start moved to 5");
+    assert_halts_from(&env, 2).await;
+    env.cleanup().await;
+}
+
+/// The clock read model, except that it holds tick 13 to be permanently
+/// invalid (as a read model's own rule might), via `ApplyError::Rejected`.
+struct RejectsTickThirteen;
+
+static CLOCK: ClockProjector = ClockProjector;
+
+impl Projector for RejectsTickThirteen {
+    fn name(&self) -> &'static str {
+        "rejects_thirteen"
+    }
+
+    fn families(&self) -> &'static [Family] {
+        CLOCK.families()
+    }
+
+    fn migrator(&self) -> &'static Migrator {
+        CLOCK.migrator()
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [Event],
+    ) -> Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send + 'a>> {
+        match events.iter().position(|e| e.envelope.world_tick == 13) {
+            Some(index) => Box::pin(async move {
+                Err(ApplyError::Rejected {
+                    index,
+                    reason: "tick 13 is not allowed here".to_owned(),
+                })
+            }),
+            None => CLOCK.apply(tx, events),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_a_projector_rejects_becomes_one_dead_letter_and_later_events_still_apply() {
+    let env = TestEnv::new(1).await;
+    let world = WorldId::parse("picky").unwrap();
+    // One append: ticks 12, 13 and 14 share a batch, so the rest of that batch
+    // must be applied without the rejected event.
+    append_ticks(&env, &world, 1..=20).await;
+    let current_tick = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT tick FROM rejects_thirteen.world_clock WHERE world_id = 'picky'",
+        )
+        .fetch_optional(&env.pool)
         .await
-        .unwrap();
+        .ok()
+        .flatten()
+    };
+    let projector = env.start_projector(Arc::new(RejectsTickThirteen));
+    eventually(Duration::from_secs(30), "tick 20 to be applied", || async {
+        (current_tick().await == Some(20)).then_some(())
+    })
+    .await;
+    projector.stop().await;
+
+    let letters = || async {
+        sqlx::query_as::<_, (i64, String, String)>(
+            "SELECT kafka_offset, error_class, error_message FROM rejects_thirteen.dead_letters",
+        )
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+    };
+    // Tick n sits at offset n - 1 of the only partition.
     assert_eq!(
-        stored, 1_000,
-        "the stored position is left for the operator"
+        letters().await,
+        [(
+            12,
+            "rejected".to_owned(),
+            "tick 13 is not allowed here".to_owned()
+        )]
     );
+    let dead_topic = format!("{}worldline.dead-letters.v1", env.settings.topics.prefix);
+    let copies = env.read_topic(&dead_topic);
+    assert_eq!(copies.len(), 1, "one copy on the dead-letter topic");
+    let headers: HashMap<_, _> = copies[0].headers.iter().cloned().collect();
+    assert_eq!(headers["wl_dlq_projector"], "rejects_thirteen");
+    assert_eq!(headers["wl_dlq_error_class"], "rejected");
+    assert_eq!(headers["wl_dlq_offset"], "12");
+
+    // Restarted and fed more: the offset has passed the rejected event for
+    // good; it is neither applied nor dead-lettered again.
+    append_ticks(&env, &world, 21..=25).await;
+    let projector = env.start_projector(Arc::new(RejectsTickThirteen));
+    eventually(Duration::from_secs(30), "tick 25 to be applied", || async {
+        (current_tick().await == Some(25)).then_some(())
+    })
+    .await;
+    projector.stop().await;
+    assert_eq!(letters().await.len(), 1, "dead-lettered once");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT next_offset FROM rejects_thirteen.projector_offsets")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 25);
+    env.cleanup().await;
+}
+
+/// Postgres decides where to start, but Kafka's committed offsets are kept in
+/// step so `kafka-consumer-groups --describe` and lag exporters see progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_committed_offsets_follow_the_stored_offsets_for_lag_tools() {
+    let env = TestEnv::new(2).await;
+    let worlds = two_worlds_on_different_partitions(2);
+    for world in &worlds {
+        append_ticks(&env, world, 1..=30).await;
+    }
+    let projector = env.start_projector(Arc::new(ClockProjector));
+    eventually(Duration::from_secs(30), "the clock to catch up", || async {
+        env.caught_up("clock", &ClockProjector).await.then_some(())
+    })
+    .await;
+    let topic = env.topic(Family::Clock);
+    let stored: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM clock.projector_offsets WHERE topic = $1 ORDER BY partition",
+    )
+    .bind(&topic)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+
+    // Another client of the same group only reads the group's offsets; it
+    // does not subscribe, so it does not join the group or move anything.
+    let group = worldline_projectors::runtime_options(&env.settings, &ClockProjector).group_id;
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.settings.kafka.bootstrap_servers)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut partitions = TopicPartitionList::new();
+    partitions.add_partition(&topic, 0);
+    partitions.add_partition(&topic, 1);
+    let committed = eventually(
+        Duration::from_secs(30),
+        "Kafka's committed offsets to reach the stored ones",
+        || async {
+            let committed: Vec<(i32, i64)> = reader
+                .committed_offsets(partitions.clone(), Duration::from_secs(10))
+                .ok()?
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(at) => Some((e.partition(), at)),
+                    _ => None,
+                })
+                .collect();
+            (committed == stored).then_some(committed)
+        },
+    )
+    .await;
+    assert_eq!(committed.iter().map(|(_, at)| at).sum::<i64>(), 60);
+    projector.stop().await;
     env.cleanup().await;
 }
 

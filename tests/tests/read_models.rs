@@ -6,17 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use worldline_producers::{Appender, AppenderOptions};
-use worldline_projectors::Projector;
 use worldline_projectors::read_models::inference::InferenceProjector;
 use worldline_projectors::read_models::story::StoryProjector;
 use worldline_projectors::read_models::weather::WeatherProjector;
 use worldline_projectors::read_models::worlds::WorldsProjector;
+use worldline_projectors::{Event, Projector, SchemaName};
 use worldline_schemas::WorldId;
 use worldline_schemas::envelope::new_envelope;
 use worldline_schemas::pb::envelope::Body;
 use worldline_schemas::pb::{
     ClockTicked, Envelope, InferenceOutcome, InferencePurpose, InferenceRecorded, Season,
-    StoryChoiceMade, WeatherChanged, WeatherCondition, WorldCreated,
+    StoryChoiceMade, WeatherChanged, WeatherCondition, WorldCreated, WorldPaused,
 };
 use worldline_tests::{TestEnv, eventually};
 
@@ -318,5 +318,109 @@ async fn given_a_mixed_workload_with_redeliveries_then_every_read_model_counts_e
     assert_eq!(stats.5, 1000, "p99 falls in the 750–1000 ms bucket");
     assert_eq!(stats.6, 900);
 
+    env.cleanup().await;
+}
+
+/// Applies `batches` of `events` (split at the given lengths) into a fresh
+/// `schema`, one transaction per batch, as the runtime would.
+async fn apply_in_batches(
+    env: &TestEnv,
+    projector: &dyn Projector,
+    schema: &str,
+    events: &[Event],
+    batch_lengths: &[usize],
+) -> SchemaName {
+    let schema = SchemaName::parse(schema).unwrap();
+    worldline_projectors::store::prepare_schema(&env.pool, &schema, projector)
+        .await
+        .unwrap();
+    let mut rest = events;
+    for length in batch_lengths {
+        let (batch, after) = rest.split_at(*length);
+        rest = after;
+        let mut tx = env.pool.begin().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL search_path TO {}",
+            schema.as_str()
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        projector.apply(&mut tx, batch).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert!(rest.is_empty(), "batch lengths cover every event");
+    schema
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_world_created_twice_when_the_creations_fall_in_separate_batches_then_the_tables_equal_one_batch()
+ {
+    let env = TestEnv::new(1).await;
+    let world = WorldId::parse("twice").unwrap();
+    let created = |name: &str| {
+        new_envelope(
+            &world,
+            0,
+            "admin",
+            Body::WorldCreated(WorldCreated {
+                display_name: name.to_owned(),
+                seed: 7,
+                time_scale: 60,
+                tick_interval_ms: 1000,
+                regions: vec!["north".to_owned()],
+            }),
+        )
+    };
+    // Created, paused, then created again by a client retrying with a new
+    // event id: the second creation must change nothing, wherever a batch ends.
+    let log = [
+        created("Twice"),
+        new_envelope(
+            &world,
+            3,
+            "admin",
+            Body::WorldPaused(WorldPaused {
+                reason: "maintenance".to_owned(),
+            }),
+        ),
+        created("Twice again"),
+    ];
+    let events: Vec<Event> = log
+        .into_iter()
+        .enumerate()
+        .map(|(offset, envelope)| Event {
+            topic: Arc::from(env.topic(worldline_schemas::Family::World)),
+            partition: 0,
+            offset: offset as i64,
+            timestamp_ms: 0,
+            envelope,
+        })
+        .collect();
+    let whole = apply_in_batches(&env, &WorldsProjector, "worlds_whole", &events, &[3]).await;
+    let split = apply_in_batches(&env, &WorldsProjector, "worlds_split", &events, &[2, 1]).await;
+    let one_by_one =
+        apply_in_batches(&env, &WorldsProjector, "worlds_single", &events, &[1, 1, 1]).await;
+
+    let (name, status): (String, String) =
+        sqlx::query_as("SELECT display_name, status FROM worlds_whole.worlds")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!((name.as_str(), status.as_str()), ("Twice", "paused"));
+    let reference = worldline_projectors::verify::table_checksums(&env.pool, &whole)
+        .await
+        .unwrap();
+    for other in [split, one_by_one] {
+        let checksums = worldline_projectors::verify::table_checksums(&env.pool, &other)
+            .await
+            .unwrap();
+        assert_eq!(
+            worldline_projectors::verify::differences(&reference, &checksums),
+            Vec::<String>::new(),
+            "{} differs from one batch",
+            other.as_str()
+        );
+    }
     env.cleanup().await;
 }

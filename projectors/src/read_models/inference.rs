@@ -15,6 +15,8 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
+use crate::read_models::copy::{Values, append};
+use crate::read_models::fresh;
 use crate::read_models::names::{inference_outcome, inference_purpose, to_i32, to_i64};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/inference");
@@ -70,44 +72,24 @@ impl Projector for InferenceProjector {
         events: &'a [Event],
     ) -> BoxFuture<'a, Result<(), ApplyError>> {
         async move {
+            let recorded: Vec<_> = events
+                .iter()
+                .filter_map(|event| match &event.envelope.body {
+                    Some(Body::InferenceRecorded(inference)) => Some((&event.envelope, inference)),
+                    _ => None,
+                })
+                .collect();
+            let ids: Vec<Uuid> = recorded.iter().map(|(e, _)| e.event_uuid()).collect();
+            // Only inferences not seen before are logged and feed the statistics.
             let mut log = InferenceColumns::default();
-            for event in events {
-                let envelope = &event.envelope;
-                if let Some(Body::InferenceRecorded(inference)) = &envelope.body {
-                    log.push(envelope, inference);
-                }
+            for i in fresh::unseen(tx, "inferences", &ids).await? {
+                log.push(recorded[i].0, recorded[i].1);
             }
             if log.event_id.is_empty() {
                 return Ok(());
             }
-            // Only inferences not seen before feed the statistics.
-            let new_ids: Vec<Uuid> = sqlx::query_scalar(
-                "INSERT INTO inferences (event_id, world_id, tick, occurred_at, model_id, model_version,
-                     purpose, prompt_tokens, completion_tokens, latency_ms, cost_micro_usd, outcome,
-                     npc_id, input_hash)
-                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::timestamptz[],
-                                      $5::text[], $6::text[], $7::text[], $8::int[], $9::int[],
-                                      $10::int[], $11::bigint[], $12::text[], $13::text[], $14::text[])
-                 ON CONFLICT (event_id) DO NOTHING
-                 RETURNING event_id",
-            )
-            .bind(&log.event_id)
-            .bind(&log.world_id)
-            .bind(&log.tick)
-            .bind(&log.occurred_at)
-            .bind(&log.model_id)
-            .bind(&log.model_version)
-            .bind(&log.purpose)
-            .bind(&log.prompt_tokens)
-            .bind(&log.completion_tokens)
-            .bind(&log.latency_ms)
-            .bind(&log.cost)
-            .bind(&log.outcome)
-            .bind(&log.npc_id)
-            .bind(&log.input_hash)
-            .fetch_all(&mut *tx)
-            .await?;
-            let buckets = log.buckets(&new_ids.into_iter().collect());
+            log.append_to_log(tx).await?;
+            let buckets = log.buckets(&log.event_id.iter().copied().collect());
             if buckets.is_empty() {
                 return Ok(());
             }
@@ -237,6 +219,31 @@ impl InferenceColumns {
         self.outcome.push(inference_outcome(inference.outcome));
         self.npc_id.push(inference.npc_id.clone());
         self.input_hash.push(inference.input_hash.clone());
+    }
+
+    /// Appends the rows to the inference log.
+    async fn append_to_log(&self, tx: &mut PgConnection) -> Result<u64, sqlx::Error> {
+        append(
+            tx,
+            "inferences",
+            &[
+                ("event_id", Values::Uuid(&self.event_id)),
+                ("world_id", Values::Text(&self.world_id)),
+                ("tick", Values::Int8(&self.tick)),
+                ("occurred_at", Values::Timestamptz(&self.occurred_at)),
+                ("model_id", Values::Text(&self.model_id)),
+                ("model_version", Values::Text(&self.model_version)),
+                ("purpose", Values::Name(&self.purpose)),
+                ("prompt_tokens", Values::Int4(&self.prompt_tokens)),
+                ("completion_tokens", Values::Int4(&self.completion_tokens)),
+                ("latency_ms", Values::Int4(&self.latency_ms)),
+                ("cost_micro_usd", Values::Int8(&self.cost)),
+                ("outcome", Values::Name(&self.outcome)),
+                ("npc_id", Values::Text(&self.npc_id)),
+                ("input_hash", Values::Text(&self.input_hash)),
+            ],
+        )
+        .await
     }
 
     /// Per-minute statistics of the rows whose ids are in `new_ids`, each id once.

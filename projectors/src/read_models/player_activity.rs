@@ -12,6 +12,8 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
+use crate::read_models::copy::{Values, append};
+use crate::read_models::fresh;
 use crate::read_models::names::to_i64;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/player_activity");
@@ -39,41 +41,42 @@ impl Projector for PlayerActivityProjector {
         events: &'a [Event],
     ) -> BoxFuture<'a, Result<(), ApplyError>> {
         async move {
-            let (mut ids, mut worlds, mut players, mut stories, mut ticks, mut times, mut offsets) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for event in events {
-                let Some(Body::StoryChoiceMade(choice)) = &event.envelope.body else {
-                    continue;
-                };
+            let (mut ids, mut worlds, mut players, mut stories, mut ticks, mut times) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let made: Vec<_> = events
+                .iter()
+                .filter_map(|event| match &event.envelope.body {
+                    Some(Body::StoryChoiceMade(choice)) => Some((event, choice)),
+                    _ => None,
+                })
+                .collect();
+            let event_ids: Vec<uuid::Uuid> =
+                made.iter().map(|(e, _)| e.envelope.event_uuid()).collect();
+            // Only choices not counted before move the totals.
+            for i in fresh::unseen(tx, "counted_choices", &event_ids).await? {
+                let (event, choice) = made[i];
                 ids.push(event.envelope.event_uuid());
                 worlds.push(event.envelope.world_id.clone());
                 players.push(choice.player_id.clone());
                 stories.push(choice.story_id.clone());
                 ticks.push(to_i64(event.envelope.world_tick));
                 times.push(event.envelope.occurred_at());
-                offsets.push(event.offset);
             }
             if ids.is_empty() {
                 return Ok(());
             }
-            // Only choices not counted before move the totals; one statement.
+            append(tx, "counted_choices", &[("event_id", Values::Uuid(&ids))]).await?;
             sqlx::query(
                 "WITH batch AS (
-                     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
-                                          $5::bigint[], $6::timestamptz[], $7::bigint[])
-                       AS b(event_id, world_id, player_id, story_id, tick, occurred_at, log_offset)
-                 ), fresh AS (
-                     INSERT INTO counted_choices (event_id)
-                     SELECT DISTINCT event_id FROM batch
-                     ON CONFLICT DO NOTHING
-                     RETURNING event_id
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[],
+                                          $4::bigint[], $5::timestamptz[])
+                       AS b(world_id, player_id, story_id, tick, occurred_at)
                  ), per_player AS (
                      SELECT b.world_id, b.player_id, count(*) AS choices,
                             array_agg(DISTINCT b.story_id ORDER BY b.story_id) AS stories,
                             min(b.tick) AS first_tick, max(b.tick) AS last_tick,
                             min(b.occurred_at) AS first_seen, max(b.occurred_at) AS last_seen
-                       FROM (SELECT DISTINCT ON (event_id) * FROM batch ORDER BY event_id, log_offset) b
-                       JOIN fresh USING (event_id)
+                       FROM batch b
                       GROUP BY b.world_id, b.player_id
                  )
                  INSERT INTO player_activity AS a
@@ -87,13 +90,11 @@ impl Projector for PlayerActivityProjector {
                      first_seen = LEAST(a.first_seen, EXCLUDED.first_seen),
                      last_seen = GREATEST(a.last_seen, EXCLUDED.last_seen)",
             )
-            .bind(ids)
             .bind(worlds)
             .bind(players)
             .bind(stories)
             .bind(ticks)
             .bind(times)
-            .bind(offsets)
             .execute(&mut *tx)
             .await?;
             Ok(())

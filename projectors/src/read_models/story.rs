@@ -1,8 +1,10 @@
 //! The story read model: the choices log, each player's current node per story,
 //! and how often each choice was taken at each node.
 //!
-//! Tallies and progress are derived only from choices inserted by this batch
-//! (`RETURNING` of the log insert), so a redelivered event id counts once.
+//! Tallies and progress are derived only from choices this batch logs (those
+//! whose event id the log does not hold yet), so a redelivered event id counts once.
+
+use std::collections::HashMap;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -13,6 +15,8 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
+use crate::read_models::copy::{Values, append};
+use crate::read_models::fresh;
 use crate::read_models::names::to_i64;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/story");
@@ -52,11 +56,18 @@ impl Projector for StoryProjector {
             let mut context = Vec::new();
             let mut partition = Vec::new();
             let mut offset = Vec::new();
-            for event in events {
+            let made: Vec<_> = events
+                .iter()
+                .filter_map(|event| match &event.envelope.body {
+                    Some(Body::StoryChoiceMade(choice)) => Some((event, choice)),
+                    _ => None,
+                })
+                .collect();
+            let ids: Vec<uuid::Uuid> = made.iter().map(|(e, _)| e.envelope.event_uuid()).collect();
+            // Only choices not logged before move tallies and progress.
+            for i in fresh::unseen(tx, "choices", &ids).await? {
+                let (event, choice) = made[i];
                 let envelope = &event.envelope;
-                let Some(Body::StoryChoiceMade(choice)) = &envelope.body else {
-                    continue;
-                };
                 event_id.push(envelope.event_uuid());
                 world_id.push(envelope.world_id.clone());
                 tick.push(to_i64(envelope.world_tick));
@@ -73,36 +84,70 @@ impl Projector for StoryProjector {
             if event_id.is_empty() {
                 return Ok(());
             }
-            // One statement: the log insert feeds tallies and progress through
-            // RETURNING, so all three move together and only for new event ids.
+            append(
+                tx,
+                "choices",
+                &[
+                    ("event_id", Values::Uuid(&event_id)),
+                    ("world_id", Values::Text(&world_id)),
+                    ("tick", Values::Int8(&tick)),
+                    ("occurred_at", Values::Timestamptz(&occurred_at)),
+                    ("player_id", Values::Text(&player_id)),
+                    ("story_id", Values::Text(&story_id)),
+                    ("node_id", Values::Text(&node_id)),
+                    ("choice_id", Values::Text(&choice_id)),
+                    ("next_node_id", Values::Text(&next_node_id)),
+                    ("context", Values::Jsonb(&context)),
+                    ("log_partition", Values::Int4(&partition)),
+                    ("log_offset", Values::Int8(&offset)),
+                ],
+            )
+            .await?;
+            // Grouped here rather than in SQL: grouping by text keys needs only
+            // equality, and a sort of the batch on the server would compare by
+            // collation and spill to disk.
+            let mut tallies: HashMap<(&str, &str, &str, &str), i64> = HashMap::new();
+            // Per (world, player, story): choices made and the row of the latest.
+            let mut progress: HashMap<(&str, &str, &str), (i64, usize)> = HashMap::new();
+            for i in 0..event_id.len() {
+                *tallies
+                    .entry((&world_id[i], &story_id[i], &node_id[i], &choice_id[i]))
+                    .or_default() += 1;
+                let entry = progress
+                    .entry((&world_id[i], &player_id[i], &story_id[i]))
+                    .or_insert((0, i));
+                entry.0 += 1;
+                if offset[i] > offset[entry.1] {
+                    entry.1 = i;
+                }
+            }
+            let mut t = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((world, story, node, choice), times) in tallies {
+                t.0.push(world);
+                t.1.push(story);
+                t.2.push(node);
+                t.3.push(choice);
+                t.4.push(times);
+            }
             sqlx::query(
-                "WITH new_choices AS (
-                     INSERT INTO choices (event_id, world_id, tick, occurred_at, player_id, story_id,
-                                          node_id, choice_id, next_node_id, context, log_partition, log_offset)
-                     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::timestamptz[],
-                                          $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
-                                          $10::jsonb[], $11::int[], $12::bigint[])
-                     ON CONFLICT (event_id) DO NOTHING
-                     RETURNING world_id, player_id, story_id, node_id, choice_id, next_node_id,
-                               tick, log_offset, occurred_at
-                 ), tallies AS (
-                     INSERT INTO node_tallies AS t (world_id, story_id, node_id, choice_id, times)
-                     SELECT world_id, story_id, node_id, choice_id, count(*)
-                       FROM new_choices GROUP BY world_id, story_id, node_id, choice_id
-                     ON CONFLICT (world_id, story_id, node_id, choice_id)
-                     DO UPDATE SET times = t.times + EXCLUDED.times
-                 ), made AS (
-                     SELECT world_id, player_id, story_id, count(*) AS n
-                       FROM new_choices GROUP BY world_id, player_id, story_id
-                 )
-                 INSERT INTO player_progress AS p (world_id, player_id, story_id, current_node_id,
+                "INSERT INTO node_tallies AS t (world_id, story_id, node_id, choice_id, times)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+                 ON CONFLICT (world_id, story_id, node_id, choice_id)
+                 DO UPDATE SET times = t.times + EXCLUDED.times",
+            )
+            .bind(&t.0)
+            .bind(&t.1)
+            .bind(&t.2)
+            .bind(&t.3)
+            .bind(&t.4)
+            .execute(&mut *tx)
+            .await?;
+            let (counts, latest): (Vec<i64>, Vec<usize>) = progress.into_values().unzip();
+            sqlx::query(
+                "INSERT INTO player_progress AS p (world_id, player_id, story_id, current_node_id,
                      last_choice_id, choices_made, tick, log_offset, updated_at)
-                 SELECT DISTINCT ON (c.world_id, c.player_id, c.story_id)
-                        c.world_id, c.player_id, c.story_id, c.next_node_id, c.choice_id,
-                        m.n, c.tick, c.log_offset, c.occurred_at
-                   FROM new_choices c
-                   JOIN made m USING (world_id, player_id, story_id)
-                  ORDER BY c.world_id, c.player_id, c.story_id, c.log_offset DESC
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                      $6::bigint[], $7::bigint[], $8::bigint[], $9::timestamptz[])
                  ON CONFLICT (world_id, player_id, story_id) DO UPDATE SET
                      choices_made = p.choices_made + EXCLUDED.choices_made,
                      current_node_id = CASE WHEN EXCLUDED.log_offset > p.log_offset
@@ -113,18 +158,15 @@ impl Projector for StoryProjector {
                      log_offset = GREATEST(p.log_offset, EXCLUDED.log_offset),
                      updated_at = GREATEST(p.updated_at, EXCLUDED.updated_at)",
             )
-            .bind(event_id)
-            .bind(world_id)
-            .bind(tick)
-            .bind(occurred_at)
-            .bind(player_id)
-            .bind(story_id)
-            .bind(node_id)
-            .bind(choice_id)
-            .bind(next_node_id)
-            .bind(context)
-            .bind(partition)
-            .bind(offset)
+            .bind(fresh::pick(&world_id, &latest))
+            .bind(fresh::pick(&player_id, &latest))
+            .bind(fresh::pick(&story_id, &latest))
+            .bind(fresh::pick(&next_node_id, &latest))
+            .bind(fresh::pick(&choice_id, &latest))
+            .bind(&counts)
+            .bind(fresh::pick(&tick, &latest))
+            .bind(fresh::pick(&offset, &latest))
+            .bind(fresh::pick(&occurred_at, &latest))
             .execute(&mut *tx)
             .await?;
             Ok(())

@@ -17,6 +17,8 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
+use crate::read_models::copy::{Values, append};
+use crate::read_models::fresh;
 use crate::read_models::names::{to_i32, to_i64, weather_condition};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/weather");
@@ -40,27 +42,81 @@ struct Rows {
     log_offset: Vec<i64>,
 }
 
-impl Rows {
-    /// The rows whose event ids are in `keep`, in their original order.
-    fn retain_ids(self, keep: &std::collections::HashSet<uuid::Uuid>) -> Rows {
-        let mut kept = Rows::default();
-        for i in 0..self.event_id.len() {
-            if !keep.contains(&self.event_id[i]) {
-                continue;
-            }
-            kept.event_id.push(self.event_id[i]);
-            kept.world_id.push(self.world_id[i].clone());
-            kept.region.push(self.region[i].clone());
-            kept.tick.push(self.tick[i]);
-            kept.condition.push(self.condition[i]);
-            kept.previous.push(self.previous[i]);
-            kept.temperature.push(self.temperature[i]);
-            kept.wind.push(self.wind[i]);
-            kept.precipitation.push(self.precipitation[i]);
-            kept.occurred_at.push(self.occurred_at[i]);
-            kept.log_offset.push(self.log_offset[i]);
+/// Each region's earliest new change in a batch, by (tick, log offset).
+#[derive(Default)]
+struct Firsts(HashMap<(String, String), (i64, i64)>);
+
+impl Firsts {
+    fn columns(self) -> (Vec<String>, Vec<String>, Vec<i64>, Vec<i64>) {
+        let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((world, region), (tick, offset)) in self.0 {
+            columns.0.push(world);
+            columns.1.push(region);
+            columns.2.push(tick);
+            columns.3.push(offset);
         }
-        kept
+        columns
+    }
+}
+
+impl Rows {
+    fn first_per_region(&self) -> Firsts {
+        let mut firsts = Firsts::default();
+        for i in 0..self.event_id.len() {
+            let at = (self.tick[i], self.log_offset[i]);
+            let entry = firsts
+                .0
+                .entry((self.world_id[i].clone(), self.region[i].clone()))
+                .or_insert(at);
+            *entry = (*entry).min(at);
+        }
+        firsts
+    }
+
+    /// The row of each region's latest change, by (tick, log offset).
+    fn latest_per_region(&self) -> Vec<usize> {
+        let mut latest: HashMap<(&str, &str), usize> = HashMap::new();
+        for i in 0..self.event_id.len() {
+            let entry = latest
+                .entry((&self.world_id[i], &self.region[i]))
+                .or_insert(i);
+            if (self.tick[i], self.log_offset[i]) > (self.tick[*entry], self.log_offset[*entry]) {
+                *entry = i;
+            }
+        }
+        let mut rows: Vec<usize> = latest.into_values().collect();
+        rows.sort_unstable();
+        rows
+    }
+
+    /// For each row, the tick of the next change of its region among these
+    /// rows in (tick, log offset) order; `None` for each region's last.
+    fn successor_ticks(&self) -> Vec<Option<i64>> {
+        let mut order: Vec<usize> = (0..self.event_id.len()).collect();
+        order.sort_by(|a, b| {
+            (
+                &self.world_id[*a],
+                &self.region[*a],
+                self.tick[*a],
+                self.log_offset[*a],
+            )
+                .cmp(&(
+                    &self.world_id[*b],
+                    &self.region[*b],
+                    self.tick[*b],
+                    self.log_offset[*b],
+                ))
+        });
+        let mut next = vec![None; order.len()];
+        for pair in order.windows(2) {
+            let (this, following) = (pair[0], pair[1]);
+            if self.world_id[this] == self.world_id[following]
+                && self.region[this] == self.region[following]
+            {
+                next[this] = Some(self.tick[following]);
+            }
+        }
+        next
     }
 }
 
@@ -83,16 +139,19 @@ impl Projector for WeatherProjector {
         events: &'a [Event],
     ) -> BoxFuture<'a, Result<(), ApplyError>> {
         async move {
+            let changes: Vec<_> = events
+                .iter()
+                .filter_map(|event| match &event.envelope.body {
+                    Some(Body::WeatherChanged(change)) => Some((event, change)),
+                    _ => None,
+                })
+                .collect();
+            let ids: Vec<uuid::Uuid> = changes.iter().map(|(e, _)| e.envelope.event_uuid()).collect();
+            // A redelivered event (its id already stored) must not move anything.
             let mut rows = Rows::default();
-            let mut seen = std::collections::HashSet::new();
-            for event in events {
+            for i in fresh::unseen(tx, "weather_history", &ids).await? {
+                let (event, change) = changes[i];
                 let envelope = &event.envelope;
-                let Some(Body::WeatherChanged(change)) = &envelope.body else {
-                    continue;
-                };
-                if !seen.insert(envelope.event_uuid()) {
-                    continue;
-                }
                 rows.event_id.push(envelope.event_uuid());
                 rows.world_id.push(envelope.world_id.clone());
                 rows.region.push(change.region.clone());
@@ -108,90 +167,98 @@ impl Projector for WeatherProjector {
             if rows.event_id.is_empty() {
                 return Ok(());
             }
-            // 1. Append the new periods; a redelivered event id is ignored and
-            //    everything below works on the newly stored periods only.
-            // 2. Close every period that now has a successor, among the region's
-            //    open period and the periods just added.
-            // 3. Move "current" to the latest period, never backwards.
-            let new_ids: std::collections::HashSet<uuid::Uuid> = sqlx::query_scalar(
-                "INSERT INTO weather_history (event_id, world_id, region, valid_from_tick, condition,
-                     previous_condition, temperature_dc, wind_dmps, precipitation_dmmph, occurred_at,
-                     log_offset)
-                 SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[],
-                                      $6::text[], $7::int[], $8::int[], $9::int[], $10::timestamptz[],
-                                      $11::bigint[])
-                 ON CONFLICT (event_id) DO NOTHING
-                 RETURNING event_id",
-            )
-            .bind(&rows.event_id)
-            .bind(&rows.world_id)
-            .bind(&rows.region)
-            .bind(&rows.tick)
-            .bind(&rows.condition)
-            .bind(&rows.previous)
-            .bind(&rows.temperature)
-            .bind(&rows.wind)
-            .bind(&rows.precipitation)
-            .bind(&rows.occurred_at)
-            .bind(&rows.log_offset)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-            // A redelivered event (its id already stored) must not move anything.
-            let rows = rows.retain_ids(&new_ids);
-            if rows.event_id.is_empty() {
-                return Ok(());
-            }
-            let affected: HashMap<(String, String), i64> = rows
-                .world_id
-                .iter()
-                .zip(&rows.region)
-                .zip(&rows.tick)
-                .fold(HashMap::new(), |mut first, ((w, r), t)| {
-                    let entry = first.entry((w.clone(), r.clone())).or_insert(*t);
-                    *entry = (*entry).min(*t);
-                    first
-                });
-            let (worlds, (regions, first_ticks)): (Vec<String>, (Vec<String>, Vec<i64>)) = affected
-                .into_iter()
-                .map(|((w, r), t)| (w, (r, t)))
-                .unzip();
-            sqlx::query(
-                "WITH pairs AS (
-                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS p(world_id, region, first_tick)
-                 ), candidates AS (
-                     SELECT h.event_id,
-                            lead(h.valid_from_tick) OVER (
-                                PARTITION BY h.world_id, h.region ORDER BY h.valid_from_tick, h.log_offset
-                            ) AS next_from,
-                            h.valid_to_tick
-                       FROM weather_history h
-                       JOIN pairs p ON p.world_id = h.world_id AND p.region = h.region
-                      WHERE h.valid_to_tick IS NULL OR h.valid_from_tick >= p.first_tick
-                 )
-                 UPDATE weather_history h SET valid_to_tick = c.next_from
-                   FROM candidates c
-                  WHERE h.event_id = c.event_id
-                    AND c.next_from IS NOT NULL
-                    AND h.valid_to_tick IS DISTINCT FROM c.next_from",
+            // Each new period is valid until the next change of its region.
+            // Usually every new change comes after the region's open period
+            // (one partition per world, emitted in tick order): then the links
+            // are known before inserting, and only the open periods are
+            // updated. A change that lands before the open period re-links
+            // the region's periods from that tick on.
+            let firsts = rows.first_per_region();
+            let (worlds, regions, first_ticks, first_offsets) = firsts.columns();
+            let open: Vec<(uuid::Uuid, i64, bool)> = sqlx::query_as(
+                "SELECT c.event_id, p.first_tick,
+                        (p.first_tick, p.first_offset) > (c.since_tick, c.log_offset)
+                   FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                     AS p(world_id, region, first_tick, first_offset)
+                   JOIN current_weather c USING (world_id, region)",
             )
             .bind(&worlds)
             .bind(&regions)
             .bind(&first_ticks)
-            .execute(&mut *tx)
+            .bind(&first_offsets)
+            .fetch_all(&mut *tx)
             .await?;
+            let in_order = open.iter().all(|(_, _, after)| *after);
+            let valid_to = if in_order {
+                rows.successor_ticks()
+            } else {
+                vec![None; rows.event_id.len()]
+            };
+            append(
+                tx,
+                "weather_history",
+                &[
+                    ("event_id", Values::Uuid(&rows.event_id)),
+                    ("world_id", Values::Text(&rows.world_id)),
+                    ("region", Values::Text(&rows.region)),
+                    ("valid_from_tick", Values::Int8(&rows.tick)),
+                    ("valid_to_tick", Values::Int8OrNull(&valid_to)),
+                    ("condition", Values::Name(&rows.condition)),
+                    ("previous_condition", Values::Name(&rows.previous)),
+                    ("temperature_dc", Values::Int4(&rows.temperature)),
+                    ("wind_dmps", Values::Int4(&rows.wind)),
+                    ("precipitation_dmmph", Values::Int4(&rows.precipitation)),
+                    ("occurred_at", Values::Timestamptz(&rows.occurred_at)),
+                    ("log_offset", Values::Int8(&rows.log_offset)),
+                ],
+            )
+            .await?;
+            if in_order {
+                // Each region's open period ends where its first new one starts.
+                let (open_ids, ends): (Vec<uuid::Uuid>, Vec<i64>) =
+                    open.iter().map(|(id, first, _)| (*id, *first)).unzip();
+                sqlx::query(
+                    "UPDATE weather_history h SET valid_to_tick = u.valid_to
+                       FROM UNNEST($1::uuid[], $2::bigint[]) AS u(event_id, valid_to)
+                      WHERE h.event_id = u.event_id AND h.valid_to_tick IS DISTINCT FROM u.valid_to",
+                )
+                .bind(&open_ids)
+                .bind(&ends)
+                .execute(&mut *tx)
+                .await?;
+            } else {
+                sqlx::query(
+                    "WITH pairs AS (
+                         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS p(world_id, region, first_tick)
+                     ), candidates AS (
+                         SELECT h.event_id,
+                                lead(h.valid_from_tick) OVER (
+                                    PARTITION BY h.world_id, h.region ORDER BY h.valid_from_tick, h.log_offset
+                                ) AS next_from,
+                                h.valid_to_tick
+                           FROM weather_history h
+                           JOIN pairs p ON p.world_id = h.world_id AND p.region = h.region
+                          WHERE h.valid_to_tick IS NULL OR h.valid_from_tick >= p.first_tick
+                     )
+                     UPDATE weather_history h SET valid_to_tick = c.next_from
+                       FROM candidates c
+                      WHERE h.event_id = c.event_id
+                        AND c.next_from IS NOT NULL
+                        AND h.valid_to_tick IS DISTINCT FROM c.next_from",
+                )
+                .bind(&worlds)
+                .bind(&regions)
+                .bind(&first_ticks)
+                .execute(&mut *tx)
+                .await?;
+            }
+            // "Current" moves to each region's latest new period, never backwards.
+            let latest = rows.latest_per_region();
             sqlx::query(
                 "INSERT INTO current_weather AS c (world_id, region, condition, temperature_dc,
                      wind_dmps, precipitation_dmmph, since_tick, log_offset, event_id, occurred_at)
-                 SELECT DISTINCT ON (world_id, region)
-                        world_id, region, condition, temperature_dc, wind_dmps,
-                        precipitation_dmmph, valid_from_tick, log_offset, event_id, occurred_at
-                   FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[],
-                               $6::int[], $7::int[], $8::int[], $9::timestamptz[], $10::bigint[])
-                     AS u(event_id, world_id, region, valid_from_tick, condition,
-                          temperature_dc, wind_dmps, precipitation_dmmph, occurred_at, log_offset)
-                  ORDER BY world_id, region, valid_from_tick DESC, log_offset DESC
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::int[],
+                                      $6::int[], $7::bigint[], $8::bigint[], $9::uuid[], $10::timestamptz[])
                  ON CONFLICT (world_id, region) DO UPDATE SET
                      condition = EXCLUDED.condition,
                      temperature_dc = EXCLUDED.temperature_dc,
@@ -203,16 +270,16 @@ impl Projector for WeatherProjector {
                      occurred_at = EXCLUDED.occurred_at
                   WHERE (c.since_tick, c.log_offset) < (EXCLUDED.since_tick, EXCLUDED.log_offset)",
             )
-            .bind(&rows.event_id)
-            .bind(&rows.world_id)
-            .bind(&rows.region)
-            .bind(&rows.tick)
-            .bind(&rows.condition)
-            .bind(&rows.temperature)
-            .bind(&rows.wind)
-            .bind(&rows.precipitation)
-            .bind(&rows.occurred_at)
-            .bind(&rows.log_offset)
+            .bind(fresh::pick(&rows.world_id, &latest))
+            .bind(fresh::pick(&rows.region, &latest))
+            .bind(fresh::pick(&rows.condition, &latest))
+            .bind(fresh::pick(&rows.temperature, &latest))
+            .bind(fresh::pick(&rows.wind, &latest))
+            .bind(fresh::pick(&rows.precipitation, &latest))
+            .bind(fresh::pick(&rows.tick, &latest))
+            .bind(fresh::pick(&rows.log_offset, &latest))
+            .bind(fresh::pick(&rows.event_id, &latest))
+            .bind(fresh::pick(&rows.occurred_at, &latest))
             .execute(&mut *tx)
             .await?;
             Ok(())

@@ -14,6 +14,8 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
+use crate::read_models::copy::{Values, append};
+use crate::read_models::fresh;
 use crate::read_models::names::to_i64;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/worlds");
@@ -43,19 +45,24 @@ fn family_index(family: Family) -> usize {
     }
 }
 
-/// Folds a batch into per-world deltas. `new_ids` are the event ids not seen
-/// before: only they count towards the per-family counts; every record counts
-/// towards `records` (the non-idempotent oracle).
-fn fold(events: &[Event], new_ids: &HashSet<Uuid>) -> HashMap<String, WorldDelta> {
-    let mut deltas: HashMap<String, WorldDelta> = HashMap::new();
-    let mut counted: HashSet<Uuid> = HashSet::new();
-    for event in events {
+/// Folds a batch into per-world deltas. `new[i]` says whether event `i` is
+/// the first occurrence of an id not seen before: only those count towards the
+/// per-family counts; every record counts towards `records` (the
+/// non-idempotent oracle). `created_before` are the worlds whose creation an
+/// earlier batch already applied.
+fn fold<'e>(
+    events: &'e [Event],
+    new: &[bool],
+    created_before: &HashSet<String>,
+) -> HashMap<&'e str, WorldDelta> {
+    let mut deltas: HashMap<&str, WorldDelta> = HashMap::new();
+    for (event, new) in events.iter().zip(new) {
         let envelope = &event.envelope;
         let Some(body) = &envelope.body else { continue };
-        let delta = deltas.entry(envelope.world_id.clone()).or_default();
+        let world = envelope.world_id.as_str();
+        let delta = deltas.entry(world).or_default();
         delta.records += 1;
-        let id = envelope.event_uuid();
-        if !(new_ids.contains(&id) && counted.insert(id)) {
+        if !new {
             continue;
         }
         delta.counts[family_index(Family::of(body))] += 1;
@@ -64,8 +71,11 @@ fn fold(events: &[Event], new_ids: &HashSet<Uuid>) -> HashMap<String, WorldDelta
         delta.last_event_at = Some(delta.last_event_at.map_or(at, |t| t.max(at)));
         match body {
             // The first WorldCreated defines the world; a later one (a client
-            // re-creating it) changes nothing, in one batch or across batches.
-            Body::WorldCreated(created) if delta.created.is_none() => {
+            // re-creating it) changes nothing, in one batch or across batches:
+            // where the batch boundaries fall must not change the read model.
+            Body::WorldCreated(created)
+                if delta.created.is_none() && !created_before.contains(world) =>
+            {
                 delta.created = Some((
                     created.display_name.clone(),
                     i64::from_ne_bytes(created.seed.to_ne_bytes()),
@@ -102,20 +112,21 @@ impl Projector for WorldsProjector {
     ) -> BoxFuture<'a, Result<(), ApplyError>> {
         async move {
             let ids: Vec<Uuid> = events.iter().map(|e| e.envelope.event_uuid()).collect();
-            let new_ids: Vec<Uuid> = sqlx::query_scalar(
-                "INSERT INTO seen_events (event_id) SELECT DISTINCT * FROM UNNEST($1::uuid[])
-                 ON CONFLICT DO NOTHING RETURNING event_id",
-            )
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?;
-            let deltas = fold(events, &new_ids.into_iter().collect());
+            let fresh = fresh::unseen(tx, "seen_events", &ids).await?;
+            let mut new = vec![false; events.len()];
+            for i in &fresh {
+                new[*i] = true;
+            }
+            let seen = fresh::pick(&ids, &fresh);
+            append(tx, "seen_events", &[("event_id", Values::Uuid(&seen))]).await?;
+            let created_before = created_before(tx, events, &new).await?;
+            let deltas = fold(events, &new, &created_before);
             if deltas.is_empty() {
                 return Ok(());
             }
             let mut columns = WorldColumns::default();
             for (world, delta) in deltas {
-                columns.push(world, delta);
+                columns.push(world.to_owned(), delta);
             }
             sqlx::query(
                 "INSERT INTO worlds AS w (world_id, latest_tick, world_events, clock_events,
@@ -168,6 +179,34 @@ impl Projector for WorldsProjector {
         }
         .boxed()
     }
+}
+
+/// Of the worlds with a new `WorldCreated` in the batch, those an earlier batch
+/// already created. Asked only when the batch holds a creation (rare): other
+/// batches cost no extra round trip.
+async fn created_before(
+    tx: &mut PgConnection,
+    events: &[Event],
+    new: &[bool],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let mut creating: Vec<&str> = events
+        .iter()
+        .zip(new)
+        .filter(|(event, new)| **new && matches!(event.envelope.body, Some(Body::WorldCreated(_))))
+        .map(|(event, _)| event.envelope.world_id.as_str())
+        .collect();
+    if creating.is_empty() {
+        return Ok(HashSet::new());
+    }
+    creating.sort_unstable();
+    creating.dedup();
+    let created: Vec<String> = sqlx::query_scalar(
+        "SELECT world_id FROM worlds WHERE world_id = ANY($1) AND created_at IS NOT NULL",
+    )
+    .bind(&creating)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(created.into_iter().collect())
 }
 
 /// Column arrays for the UNNEST upsert.
@@ -261,8 +300,7 @@ mod tests {
             event(1, tick.clone()),
             event(2, tick.clone()),
         ];
-        let new_ids: HashSet<Uuid> = [created.event_uuid(), tick.event_uuid()].into();
-        let deltas = fold(&events, &new_ids);
+        let deltas = fold(&events, &[true, true, false], &HashSet::new());
         let delta = &deltas["w"];
         assert_eq!(delta.records, 3);
         assert_eq!(delta.counts, [1, 1, 0, 0, 0]);
@@ -282,7 +320,8 @@ mod tests {
                 ..Default::default()
             }),
         );
-        let deltas = fold(&[event(7, tick)], &HashSet::new());
+        let events = [event(7, tick)];
+        let deltas = fold(&events, &[false], &HashSet::new());
         assert_eq!(deltas["w"].records, 1);
         assert_eq!(deltas["w"].counts, [0; 5]);
         assert_eq!(deltas["w"].latest_tick, 0);

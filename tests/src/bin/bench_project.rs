@@ -84,8 +84,33 @@ struct BenchConfig {
     /// Extra environment for that binary (`BENCH_CHILD_ENV="K=V;K=V"`), to try
     /// settings such as `WORLDLINE__KAFKA__PROPERTIES__QUEUED_MAX_MESSAGES_KBYTES`.
     child_env: Vec<(String, String)>,
-    /// `BENCH_ONLY=memory`: append the backlogs, measure the binary's memory, stop.
-    memory_only: bool,
+    /// `BENCH_ONLY`: run only some phases.
+    only: Only,
+    /// `BENCH_PROJECTORS=weather,story`: the projectors measured alone (phase 4);
+    /// every one of issue 4's five by default.
+    alone: Vec<String>,
+}
+
+/// Which phases run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Only {
+    /// Every phase (the judged run).
+    Everything,
+    /// `BENCH_ONLY=memory`: append the backlogs, measure the binary's memory.
+    Memory,
+    /// `BENCH_ONLY=throughput`: raw limits, appending, each projector alone.
+    Throughput,
+}
+
+impl Only {
+    fn parse(raw: Option<&str>) -> anyhow::Result<Only> {
+        match raw.map(str::trim) {
+            None | Some("") => Ok(Only::Everything),
+            Some("memory") => Ok(Only::Memory),
+            Some("throughput") => Ok(Only::Throughput),
+            Some(other) => bail!("BENCH_ONLY={other:?}: expected memory or throughput"),
+        }
+    }
 }
 
 impl BenchConfig {
@@ -115,7 +140,8 @@ impl BenchConfig {
             freshness: Duration::from_secs(u64::try_from(number("BENCH_FRESHNESS_SECS", 20)?)?),
             binary,
             child_env: parse_child_env(&std::env::var("BENCH_CHILD_ENV").unwrap_or_default())?,
-            memory_only: std::env::var("BENCH_ONLY").is_ok_and(|v| v == "memory"),
+            only: Only::parse(std::env::var("BENCH_ONLY").ok().as_deref())?,
+            alone: parse_projector_list(std::env::var("BENCH_PROJECTORS").ok().as_deref())?,
         })
     }
 }
@@ -140,6 +166,23 @@ fn parse_child_env(raw: &str) -> anyhow::Result<Vec<(String, String)>> {
             pair.split_once('=')
                 .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
                 .with_context(|| format!("BENCH_CHILD_ENV entry {pair:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+/// Issue 4's five, or the comma-separated subset named.
+fn parse_projector_list(raw: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
+        return Ok(ISSUE_FOUR.iter().map(|n| (*n).to_owned()).collect());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .map(|name| {
+            if ISSUE_FOUR.contains(&name) {
+                Ok(name.to_owned())
+            } else {
+                bail!("BENCH_PROJECTORS: {name:?} is not one of {ISSUE_FOUR:?}")
+            }
         })
         .collect()
 }
@@ -1302,7 +1345,7 @@ struct Memory {
     peak_rss_kib: u64,
     hwm_kib: u64,
     samples: usize,
-    /// Records applied across the five schemas, and the time from process start
+    /// Records applied across the schemas, and the time from process start
     /// until every schema reached its ends.
     records: i64,
     took: Duration,
@@ -1336,18 +1379,22 @@ async fn measure_child_memory(
     binary: &Path,
     extra_env: &[(String, String)],
     targets: &[Target],
+    name_projectors: bool,
 ) -> anyhow::Result<(Memory, PathBuf)> {
     let log = std::env::temp_dir().join(format!(
-        "{}bench-project-{}.log",
+        "{}bench-project-{}-{}.log",
         env.settings.topics.prefix,
-        std::process::id()
+        std::process::id(),
+        if name_projectors { "named" } else { "default" }
     ));
     let stderr = std::fs::File::create(&log)?;
     let origin = Instant::now();
     let mut command = Command::new(binary);
     command.arg("project");
-    for target in targets {
-        command.arg("--projector").arg(target.projector.name());
+    if name_projectors {
+        for target in targets {
+            command.arg("--projector").arg(target.projector.name());
+        }
     }
     let mut child = command
         .envs(env.child_env())
@@ -1573,44 +1620,97 @@ fn projector_names() -> Vec<&'static str> {
     ISSUE_FOUR.to_vec()
 }
 
+/// Which projectors the measured `worldline project` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MemoryRun {
+    /// `--projector` for each of issue 4's five.
+    IssueFour,
+    /// No `--projector`: every projector of the registry, as deployed.
+    Default,
+}
+
+/// Peak memory of both runs.
+#[derive(Debug, Clone, Copy)]
+struct Memories {
+    five: Memory,
+    default: Memory,
+    /// How many projectors the default run has.
+    default_count: usize,
+}
+
 async fn memory_phase(
     env: &TestEnv,
     config: &BenchConfig,
     mixed_ends: &Offsets,
-) -> anyhow::Result<Memory> {
+) -> anyhow::Result<Memories> {
     println!(
-        "\n3. Resident memory: {} project (all five projectors, their own schemas) on the mixed \
-         backlog",
+        "\n3. Resident memory: {} project on the mixed backlog, into the projectors' own schemas \
+         (dropped between the runs)",
         config.binary.display()
     );
-    let targets = projector_names()
-        .into_iter()
-        .map(|name| {
-            let projector = projector(name)?;
-            Ok(Target {
-                ends: restrict(mixed_ends, projector.families(), env),
-                schema: SchemaName::parse(name)?,
-                projector,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
     if !config.child_env.is_empty() {
         println!(
             "  extra environment (BENCH_CHILD_ENV): {:?}",
             config.child_env
         );
     }
+    let five = memory_run(env, config, mixed_ends, MemoryRun::IssueFour).await?;
+    let default = memory_run(env, config, mixed_ends, MemoryRun::Default).await?;
+    Ok(Memories {
+        five,
+        default,
+        default_count: registry::all().len(),
+    })
+}
+
+async fn memory_run(
+    env: &TestEnv,
+    config: &BenchConfig,
+    mixed_ends: &Offsets,
+    run: MemoryRun,
+) -> anyhow::Result<Memory> {
+    let projectors: Vec<Arc<dyn Projector>> = match run {
+        MemoryRun::IssueFour => projector_names()
+            .into_iter()
+            .map(projector)
+            .collect::<anyhow::Result<_>>()?,
+        MemoryRun::Default => registry::all(),
+    };
+    for projector in registry::all() {
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            projector.name()
+        )))
+        .execute(&env.pool)
+        .await?;
+    }
+    let targets = projectors
+        .into_iter()
+        .map(|projector| {
+            Ok(Target {
+                ends: restrict(mixed_ends, projector.families(), env),
+                schema: SchemaName::parse(projector.name())?,
+                projector,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let names: Vec<&str> = targets.iter().map(|t| t.projector.name()).collect();
+    let (what, args) = match run {
+        MemoryRun::IssueFour => ("issue 4's five, named with --projector", true),
+        MemoryRun::Default => ("the default: no --projector, every projector", false),
+    };
+    println!("  {what}: {}", names.join(", "));
     let (memory, log) =
-        measure_child_memory(env, &config.binary, &config.child_env, &targets).await?;
+        measure_child_memory(env, &config.binary, &config.child_env, &targets, args).await?;
     println!(
-        "  peak VmRSS {:.1} MiB over {} samples (every ~20 ms); VmHWM {:.1} MiB; log {}",
+        "    peak VmRSS {:.1} MiB over {} samples (every ~20 ms); VmHWM {:.1} MiB; log {}",
         mib(memory.peak_rss_kib),
         memory.samples,
         mib(memory.hwm_kib),
         log.display()
     );
     println!(
-        "  meanwhile it applied {} records (each log event once in its family's read model and \
+        "    meanwhile it applied {} records (each log event once in its family's read model and \
          once in worlds) in {:.2} s from process start: {:.0} records/s",
         memory.records,
         memory.took.as_secs_f64(),
@@ -1636,6 +1736,9 @@ async fn per_projector_phase(
     for (round, batch) in config.batch_sizes.iter().enumerate() {
         let until = if round == 0 { Until::End } else { Until::Half };
         for (name, family) in SINGLE_FAMILY {
+            if !config.alone.iter().any(|n| n == name) {
+                continue;
+            }
             let ends = restrict(&backlogs.family_ends, &[family], &stacks.per_family);
             let label = format!("{name} ({} topic)", family.as_str());
             let rate = run_alone(&stacks.per_family, name, &label, *batch, &ends, until).await?;
@@ -1643,18 +1746,20 @@ async fn per_projector_phase(
                 judged.insert(name, rate);
             }
         }
-        let label = "worlds (mixed, every topic)";
-        let rate = run_alone(
-            &stacks.mixed,
-            "worlds",
-            label,
-            *batch,
-            &backlogs.mixed_ends,
-            until,
-        )
-        .await?;
-        if round == 0 {
-            judged.insert("worlds", rate);
+        if config.alone.iter().any(|n| n == "worlds") {
+            let label = "worlds (mixed, every topic)";
+            let rate = run_alone(
+                &stacks.mixed,
+                "worlds",
+                label,
+                *batch,
+                &backlogs.mixed_ends,
+                until,
+            )
+            .await?;
+            if round == 0 {
+                judged.insert("worlds", rate);
+            }
         }
     }
     Ok(judged)
@@ -1838,7 +1943,7 @@ async fn run(stacks: &mut Stacks) -> anyhow::Result<()> {
         println!("  {}", now.since(cpu));
         cpu = now;
     };
-    if config.memory_only {
+    if config.only == Only::Memory {
         let backlogs = append_phase(stacks, &config, family_events).await?;
         memory_phase(&stacks.mixed, &config, &backlogs.mixed_ends).await?;
         return Ok(());
@@ -1847,6 +1952,11 @@ async fn run(stacks: &mut Stacks) -> anyhow::Result<()> {
     phase_done();
     let mut backlogs = append_phase(stacks, &config, family_events).await?;
     phase_done();
+    if config.only == Only::Throughput {
+        per_projector_phase(stacks, &config, &backlogs).await?;
+        phase_done();
+        return Ok(());
+    }
     let memory = memory_phase(&stacks.mixed, &config, &backlogs.mixed_ends).await?;
     phase_done();
     let judged = per_projector_phase(stacks, &config, &backlogs).await?;
@@ -1918,7 +2028,7 @@ struct Figures {
     freshness: Freshness,
     /// Freshness at a tenth of the mixed maximum, for reference.
     light: Freshness,
-    memory: Memory,
+    memory: Memories,
 }
 
 /// One line of the final table.
@@ -1959,7 +2069,6 @@ fn summary_rows(f: &Figures) -> Vec<Row> {
     let appended = |family: Family| f.append_rates.get(&family).copied().unwrap_or(0.0);
     let raw = &f.raw;
     let both = &f.freshness.both;
-    let peak_mib = mib(f.memory.hwm_kib.max(f.memory.peak_rss_kib));
     vec![
         ratio_row(
             "story choices (append-only) vs binary COPY",
@@ -2052,17 +2161,34 @@ fn summary_rows(f: &Figures) -> Vec<Row> {
             goal: "(reference)".to_owned(),
             verdict: "(info)",
         },
-        Row {
-            figure: "projector RSS (worldline project, five, backlog)".to_owned(),
-            value: format!(
-                "peak {:.1} MiB (VmHWM {:.1} MiB)",
-                mib(f.memory.peak_rss_kib),
-                mib(f.memory.hwm_kib)
+        memory_row(
+            "projector RSS (worldline project, five, backlog)".to_owned(),
+            &f.memory.five,
+        ),
+        memory_row(
+            format!(
+                "projector RSS (default: all {}, backlog)",
+                f.memory.default_count
             ),
-            goal: "<= 150 MiB".to_owned(),
-            verdict: verdict(Goal::AtMost(150.0), peak_mib),
-        },
+            &f.memory.default,
+        ),
     ]
+}
+
+/// Peak resident memory against the goal: the larger of the sampled peak and
+/// the kernel's high-water mark.
+fn memory_row(figure: String, memory: &Memory) -> Row {
+    let peak_mib = mib(memory.hwm_kib.max(memory.peak_rss_kib));
+    Row {
+        figure,
+        value: format!(
+            "peak {:.1} MiB (VmHWM {:.1} MiB)",
+            mib(memory.peak_rss_kib),
+            mib(memory.hwm_kib)
+        ),
+        goal: "<= 150 MiB".to_owned(),
+        verdict: verdict(Goal::AtMost(150.0), peak_mib),
+    }
 }
 
 fn print_summary(figures: &Figures, judged_batch: usize) {
