@@ -9,14 +9,14 @@
 #   ops/check-openapi.sh http://127.0.0.1:8080
 #
 # Usage: ops/check-openapi.sh <base-url | port> [extra schemathesis args...]
-# Env:   SCHEMATHESIS   the schemathesis executable (default: `schemathesis` on PATH;
-#                       install with `pip install schemathesis`)
+# Env:   SCHEMATHESIS   the schemathesis executable (default: the one `ops/dev test`
+#                       installs, ~/.cache/worldline/schemathesis-venv, else PATH)
 #        SEED           hypothesis seed (default 1, so a run is reproducible)
-#        MAX_EXAMPLES   examples per operation and phase (default 50)
+#        MAX_EXAMPLES   examples per operation in the fuzzing phase (default 50)
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 
@@ -27,9 +27,14 @@ if [[ $target =~ ^[0-9]+$ ]]; then
 fi
 target=${target%/}
 
+installed=${HOME:-/root}/.cache/worldline/schemathesis-venv/bin/schemathesis
+if [[ -z ${SCHEMATHESIS:-} && -x $installed ]]; then
+    SCHEMATHESIS=$installed
+fi
 schemathesis=${SCHEMATHESIS:-schemathesis}
 if ! command -v "$schemathesis" >/dev/null 2>&1; then
-    echo "schemathesis not found; install it with: pip install schemathesis" >&2
+    echo "schemathesis not found; 'ops/dev test' installs the pinned one" \
+        "(or: pip install -r ops/schemathesis-requirements.txt)" >&2
     exit 2
 fi
 

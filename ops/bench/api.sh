@@ -29,7 +29,7 @@
 #                              pgbench -M (the API's driver prepares its statements)
 #   BENCH_CATCHUP_SECS=300     longest wait for the projectors
 #   BENCH_CHILD_ENV="K=V;K=V"  extra environment for `worldline serve`, e.g.
-#                              WORLDLINE__DATABASE__MAX_CONNECTIONS=16
+#                              WORLDLINE__DATABASE__READER_CONNECTIONS=16
 #   BENCH_KEEP=1               keep the databases and topics for inspection
 #   BENCH_WORLDLINE_BIN        measure this (release) binary instead of building
 #                              one into $CARGO_TARGET_DIR (default: the repo's target)
@@ -441,10 +441,13 @@ code=$(curl -sS -o "$WORK/sample.json" -w '%{http_code}' -H "Authorization: Bear
 [[ $code == 200 ]] || { cat "$WORK/sample.json" >&2; echo >&2; die "GET $sample_path answered $code, not 200"; }
 say "  $BASE; GET $sample_path -> 200 $(head -c 200 "$WORK/sample.json")"
 pool=${WORLDLINE__DATABASE__MAX_CONNECTIONS:-}
+readers=${WORLDLINE__DATABASE__READER_CONNECTIONS:-}
 for setting in "${SERVE_ENV[@]}"; do
     [[ $setting == WORLDLINE__DATABASE__MAX_CONNECTIONS=* ]] && pool=${setting#*=}
+    [[ $setting == WORLDLINE__DATABASE__READER_CONNECTIONS=* ]] && readers=${setting#*=}
 done
-say "  serve's pool: ${pool:-the default} database.max_connections; pgbench: $((PG_SCALE * 100000)) accounts, -M $PG_MODE"
+say "  serve's connections: ${readers:-the default} database.reader_connections (the lookups)," \
+    "pool of ${pool:-the default} database.max_connections; pgbench: $((PG_SCALE * 100000)) accounts, -M $PG_MODE"
 
 # Runs a load generator as a background child, so that a signal to this script
 # is handled at once, not when the client is done. The shell's `times` before

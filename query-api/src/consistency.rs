@@ -9,23 +9,26 @@
 //! its own. After (re)connecting, the task reloads every schema, because
 //! notifications sent while it was disconnected are lost.
 //!
-//! A request with `X-Consistency-Token` waits (at most `read_your_writes_timeout`)
-//! until the snapshot has passed every offset the token holds on a topic the
-//! projector reads; past the bound it is answered 503 with `Retry-After: 1`.
-//! Every answer carries `X-Worldline-Position`: the sum of the projector's stored
-//! next offsets over its topic-partitions (monotonic; it grows by the number of
-//! records applied), and `X-Worldline-Lag-Records`: how many records of the log
-//! the projector has still to apply. The log ends come from
-//! `projector_log_ends`, which projector instances refresh about every second
-//! from their consumer's statistics (the API itself has no Kafka client), so
-//! the task also re-reads every schema once a second, notification or not.
+//! A route is served from one or more projectors' read models (`/state` reads
+//! all of them). A request with `X-Consistency-Token` waits (at most
+//! `read_your_writes_timeout`) until, for every one of those projectors, the
+//! snapshot has passed every offset the token holds on a topic that projector
+//! reads; past the bound it is answered 503 with `Retry-After: 1`.
+//! Every answer carries `X-Worldline-Position`: the sum of the projectors'
+//! stored next offsets over their topic-partitions (monotonic; it grows by the
+//! number of records applied), and `X-Worldline-Lag-Records`: how many records
+//! of the log the most-behind of those projectors has still to apply. The log
+//! ends come from `projector_log_ends`, which projector instances refresh about
+//! every second from their consumer's statistics (the API itself has no Kafka
+//! client), and a log growing ahead of a stopped projector notifies nobody, so
+//! the task also re-reads every schema on a beat (`http.progress_refresh_ms`,
+//! default 1 s). Waits never depend on that beat: commits notify.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -45,8 +48,9 @@ pub const CONSISTENCY_HEADER: &str = "x-consistency-token";
 pub const POSITION_HEADER: &str = "x-worldline-position";
 /// The Postgres channel projectors notify on.
 pub const CHANNEL: &str = "worldline_progress";
-/// How often every schema is re-read even without a notification.
-const LOG_END_REFRESH: Duration = Duration::from_secs(1);
+/// How often the `/readyz` lag check looks at the published snapshots (memory
+/// only, no query).
+const LAG_CHECK: Duration = Duration::from_secs(1);
 
 /// The response header with how many records the projector has yet to apply.
 pub const LAG_HEADER: &str = "x-worldline-lag-records";
@@ -134,11 +138,13 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Starts the listener task for `projectors` (schema names) until `stop`.
+    /// Starts the listener task for `projectors` (schema names) until `stop`;
+    /// besides notifications, it re-reads every schema each `refresh`.
     pub fn start(
         pool: PgPool,
         projectors: &[&'static str],
         topic_prefix: &str,
+        refresh: Duration,
         stop: CancellationToken,
     ) -> Progress {
         let mut senders = HashMap::new();
@@ -148,14 +154,16 @@ impl Progress {
             senders.insert(*projector, tx);
             receivers.insert(*projector, rx);
         }
-        tokio::spawn(listen(pool, senders, stop));
+        // `interval` panics on a zero period.
+        let beat = refresh.max(Duration::from_millis(1));
+        tokio::spawn(listen(pool, senders, beat, stop));
         Progress {
             channels: Arc::new(receivers),
             topic_prefix: Arc::from(topic_prefix),
         }
     }
 
-    fn receiver(&self, projector: &str) -> Option<watch::Receiver<Arc<Snapshot>>> {
+    fn receiver(&self, projector: &str) -> Option<Channel> {
         self.channels.get(projector).cloned()
     }
 
@@ -172,7 +180,7 @@ impl Progress {
 /// while any projector is more than `max_lag` records behind, until `stop`.
 pub async fn watch_lag(progress: Progress, health: Health, max_lag: u64, stop: CancellationToken) {
     let max_lag = i64::try_from(max_lag).unwrap_or(i64::MAX);
-    let mut beat = tokio::time::interval(LOG_END_REFRESH);
+    let mut beat = tokio::time::interval(LAG_CHECK);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -195,12 +203,13 @@ pub async fn watch_lag(progress: Progress, health: Health, max_lag: u64, stop: C
 async fn listen(
     pool: PgPool,
     senders: HashMap<&'static str, watch::Sender<Arc<Snapshot>>>,
+    beat: Duration,
     stop: CancellationToken,
 ) {
     loop {
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            result = listen_once(&pool, &senders) => result,
+            result = listen_once(&pool, &senders, beat) => result,
         };
         if let Err(error) = result {
             tracing::warn!(%error, "progress listener lost; reconnecting");
@@ -217,6 +226,7 @@ async fn listen(
 async fn listen_once(
     pool: &PgPool,
     senders: &HashMap<&'static str, watch::Sender<Arc<Snapshot>>>,
+    period: Duration,
 ) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(CHANNEL).await?;
@@ -225,8 +235,9 @@ async fn listen_once(
         refresh(pool, schema, sender).await;
     }
     // Log ends move without a notification (events appended, projector behind
-    // or stopped): re-read every schema on this beat too.
-    let mut beat = tokio::time::interval(LOG_END_REFRESH);
+    // or stopped): re-read every schema on this beat too. Its first tick is one
+    // period away: everything was just read.
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
@@ -283,62 +294,75 @@ async fn refresh(pool: &PgPool, schema: &str, sender: &watch::Sender<Arc<Snapsho
     }
 }
 
-/// What the wait middleware of one projector's routes needs.
+/// Where one projector's snapshots are published.
+type Channel = watch::Receiver<Arc<Snapshot>>;
+
+/// The read-your-writes wait and position headers of one resource's routes:
+/// the progress channels of the projectors behind them, looked up once.
 #[derive(Debug, Clone)]
-struct Wait {
-    progress: Progress,
-    projector: &'static str,
+pub(crate) struct Wait {
+    channels: Arc<[(&'static str, Channel)]>,
+    topic_prefix: Arc<str>,
     timeout: Duration,
 }
 
-/// Wraps `routes` (served from `projector`'s read model) with the
-/// read-your-writes wait and the position header.
-pub fn wrap<S>(
-    routes: Router<S>,
-    progress: Progress,
-    projector: &'static str,
-    timeout: Duration,
-) -> Router<S>
-where
-    S: Clone + Send + Sync + 'static,
-{
-    routes.route_layer(axum::middleware::from_fn_with_state(
+impl Wait {
+    /// The wait for routes served from the read models of `projectors`;
+    /// projectors `progress` does not follow are left out.
+    pub(crate) fn new(
+        progress: &Progress,
+        projectors: &'static [&'static str],
+        timeout: Duration,
+    ) -> Wait {
         Wait {
-            progress,
-            projector,
+            channels: projectors
+                .iter()
+                .filter_map(|projector| Some((*projector, progress.receiver(projector)?)))
+                .collect(),
+            topic_prefix: Arc::clone(&progress.topic_prefix),
             timeout,
-        },
-        wait_then_answer,
-    ))
-}
-
-async fn wait_then_answer(State(wait): State<Wait>, request: Request, next: Next) -> Response {
-    let token = match requested_token(request.headers()) {
-        Ok(token) => token,
-        Err(error) => return error.into_response(),
-    };
-    let Some(mut progress) = wait.progress.receiver(wait.projector) else {
-        return next.run(request).await;
-    };
-    if let Some(token) = token {
-        let needed = relevant(
-            &token,
-            projector_families(wait.projector),
-            &wait.progress.topic_prefix,
-        );
-        if !reached_within(&mut progress, &needed, wait.timeout).await {
-            return not_yet(wait.projector);
         }
     }
-    let (position, lag) = {
-        let snapshot = progress.borrow();
-        (snapshot.position(), snapshot.lag_records())
-    };
-    let mut response = next.run(request).await;
-    let headers = response.headers_mut();
-    headers.insert(HeaderName::from_static(POSITION_HEADER), position.into());
-    headers.insert(HeaderName::from_static(LAG_HEADER), lag.into());
-    response
+
+    /// Answers `request` with `next` once the projectors have passed the
+    /// request's consistency token (503 past the bound, 400 for a malformed
+    /// token), with the position headers on the answer.
+    pub(crate) async fn answer(&self, request: Request, next: Next) -> Response {
+        let token = match requested_token(request.headers()) {
+            Ok(token) => token,
+            Err(error) => return error.into_response(),
+        };
+        if self.channels.is_empty() {
+            return next.run(request).await;
+        }
+        if let Some(token) = token {
+            // One deadline for all: a projector that has passed the offsets never
+            // falls back behind them, so waiting for each in turn waits for all.
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            for (projector, channel) in self.channels.iter() {
+                let needed = relevant(&token, projector_families(projector), &self.topic_prefix);
+                if !reached_by(&mut channel.clone(), &needed, deadline).await {
+                    return not_yet(projector);
+                }
+            }
+        }
+        // Read before the handler runs: the rows it reads are at least this far.
+        let (position, lag) =
+            self.channels
+                .iter()
+                .fold((0_i64, 0_i64), |(position, lag), (_, channel)| {
+                    let snapshot = channel.borrow();
+                    (
+                        position.saturating_add(snapshot.position()),
+                        lag.max(snapshot.lag_records()),
+                    )
+                });
+        let mut response = next.run(request).await;
+        let headers = response.headers_mut();
+        headers.insert(HeaderName::from_static(POSITION_HEADER), position.into());
+        headers.insert(HeaderName::from_static(LAG_HEADER), lag.into());
+        response
+    }
 }
 
 /// The request's consistency token, if it carries one; a 400 naming the header
@@ -356,13 +380,12 @@ fn requested_token(headers: &HeaderMap) -> Result<Option<ConsistencyToken>, ApiE
 }
 
 /// Waits until the published snapshot reaches `needed`, re-checking on every
-/// new snapshot; `false` when `timeout` passes first or the listener is gone.
-async fn reached_within(
+/// new snapshot; `false` when `deadline` passes first or the listener is gone.
+async fn reached_by(
     progress: &mut watch::Receiver<Arc<Snapshot>>,
     needed: &ConsistencyToken,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let snapshot = Arc::clone(&progress.borrow_and_update());
         if needed.is_reached_by(|topic, partition| snapshot.next_offset(topic, partition)) {
@@ -470,7 +493,8 @@ mod tests {
             }));
             tx
         });
-        assert!(reached_within(&mut rx, &needed, Duration::from_secs(30)).await);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        assert!(reached_by(&mut rx, &needed, deadline).await);
         drop(publisher.await);
     }
 
@@ -478,6 +502,7 @@ mod tests {
     async fn given_no_progress_then_the_wait_ends_at_the_bound() {
         let (_tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
         let needed = ConsistencyToken::from_positions([("t".to_owned(), 0, 0)]);
-        assert!(!reached_within(&mut rx, &needed, Duration::from_millis(50)).await);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        assert!(!reached_by(&mut rx, &needed, deadline).await);
     }
 }

@@ -4,8 +4,11 @@
 //! Error responses are added here, once, rather than on every handler: every
 //! operation can answer 400 (a bad parameter) and 503 (read model unavailable),
 //! and every operation under `/v1/worlds/{world}` can answer 404. Every `/v1`
-//! operation also needs a bearer token (401, 403, 429) and accepts the
-//! `X-Consistency-Token` header (read-your-writes; 503 past the wait).
+//! operation also needs a bearer token (401, 403, 429), refuses a declared
+//! body over the size limit (413), accepts the `X-Consistency-Token` header
+//! (read-your-writes; 503 past the wait) and reports its read model's position
+//! and lag in headers. Headers the guards always send are marked required, so
+//! a conformance check holds the server to them.
 
 use axum::Router;
 use axum::http::header;
@@ -16,6 +19,7 @@ use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr};
 use utoipa::{OpenApi as _, PartialSchema};
 
+use crate::consistency::{LAG_HEADER, POSITION_HEADER};
 use crate::error::{PROBLEM_JSON, Problem};
 
 /// The document's static parts; paths come from the routers.
@@ -37,7 +41,9 @@ use crate::error::{PROBLEM_JSON, Problem};
         (name = "clock", description = "Where each world's clock stands"),
         (name = "weather", description = "Weather now, as of a tick, and its history"),
         (name = "story", description = "Story progress, the choices log and node tallies"),
-        (name = "inference", description = "The model inference log and per-model statistics")
+        (name = "inference", description = "The model inference log and per-model statistics"),
+        (name = "stream", description = "Live changes of a world's read models (Server-Sent Events)"),
+        (name = "projectors", description = "Where every projector stands: position, lag, dead letters")
     )
 )]
 struct ApiDoc;
@@ -48,6 +54,7 @@ const UNAVAILABLE: &str = "Unavailable";
 const UNAUTHORIZED: &str = "Unauthorized";
 const FORBIDDEN: &str = "Forbidden";
 const TOO_MANY_REQUESTS: &str = "TooManyRequests";
+const PAYLOAD_TOO_LARGE: &str = "PayloadTooLarge";
 /// The security scheme every `/v1` operation requires.
 const BEARER: &str = "bearer";
 
@@ -73,6 +80,7 @@ pub fn document(paths: OpenApi) -> OpenApi {
             add_problem_responses(operation, in_world);
             if guarded {
                 add_guard_documentation(operation);
+                add_position_headers(operation);
             }
         }
     }
@@ -91,36 +99,64 @@ fn problem_response(description: &str) -> utoipa::openapi::Response {
         .build()
 }
 
-fn register_problem_responses(doc: &mut OpenApi) {
-    let retry_after = utoipa::openapi::HeaderBuilder::new()
-        .schema(Some(i64::schema()))
-        .description(Some("Seconds to wait before retrying"))
+/// A response header; `required` when every answer of that status carries it.
+fn header_of(
+    schema: impl Into<RefOr<utoipa::openapi::schema::Schema>>,
+    required: bool,
+    description: &str,
+) -> RefOr<utoipa::openapi::Header> {
+    let mut header = utoipa::openapi::HeaderBuilder::new()
+        .schema(Some(schema))
+        .description(Some(description))
         .build();
+    // utoipa's `Header` has no `required` of its own; extensions are written
+    // into the header object as they are.
+    if required {
+        let mut extensions = utoipa::openapi::extensions::Extensions::default();
+        extensions.insert("required".to_owned(), serde_json::Value::Bool(true));
+        header.extensions = Some(extensions);
+    }
+    RefOr::T(header)
+}
+
+fn register_problem_responses(doc: &mut OpenApi) {
+    // Every 429 and 503 says when to come back (guard, consistency wait, error).
+    let retry_after = || {
+        header_of(
+            utoipa::openapi::ObjectBuilder::new()
+                .schema_type(utoipa::openapi::schema::Type::Integer)
+                .minimum(Some(1)),
+            true,
+            "Seconds to wait before retrying",
+        )
+    };
+    // Every 401 and 403 carries a challenge (RFC 6750).
+    let challenge = |description: &str| header_of(String::schema(), true, description);
     let mut unavailable = problem_response(
         "The read-model database is unreachable, the request took too long, or the \
          read model did not reach X-Consistency-Token within the wait; retry later",
     );
-    unavailable.headers.insert(
-        header::RETRY_AFTER.as_str().to_owned(),
-        RefOr::T(retry_after.clone()),
-    );
+    unavailable
+        .headers
+        .insert(header::RETRY_AFTER.as_str().to_owned(), retry_after());
     let mut unauthorized = problem_response(
         "No bearer token, or one that is not valid (expired, wrong audience, unknown)",
     );
     unauthorized.headers.insert(
         header::WWW_AUTHENTICATE.as_str().to_owned(),
-        RefOr::T(
-            utoipa::openapi::HeaderBuilder::new()
-                .schema(Some(String::schema()))
-                .description(Some("Bearer realm=\"worldline\" (with error=\"invalid_token\" when a token was presented)"))
-                .build(),
+        challenge(
+            "Bearer realm=\"worldline\" (with error=\"invalid_token\" when a token was presented)",
         ),
     );
-    let mut too_many = problem_response("The token is over its request rate");
-    too_many.headers.insert(
-        header::RETRY_AFTER.as_str().to_owned(),
-        RefOr::T(retry_after),
+    let mut forbidden = problem_response("The token does not have the `read` scope");
+    forbidden.headers.insert(
+        header::WWW_AUTHENTICATE.as_str().to_owned(),
+        challenge("Bearer realm=\"worldline\", error=\"insufficient_scope\", scope=\"read\""),
     );
+    let mut too_many = problem_response("The token is over its request rate");
+    too_many
+        .headers
+        .insert(header::RETRY_AFTER.as_str().to_owned(), retry_after());
     let components = doc.components.get_or_insert_with(Default::default);
     for (name, response) in [
         (
@@ -133,11 +169,12 @@ fn register_problem_responses(doc: &mut OpenApi) {
         ),
         (UNAVAILABLE, unavailable),
         (UNAUTHORIZED, unauthorized),
-        (
-            FORBIDDEN,
-            problem_response("The token does not have the `read` scope"),
-        ),
+        (FORBIDDEN, forbidden),
         (TOO_MANY_REQUESTS, too_many),
+        (
+            PAYLOAD_TOO_LARGE,
+            problem_response("The request declares a body (`Content-Length`) over the size limit"),
+        ),
     ] {
         components
             .responses
@@ -182,6 +219,7 @@ fn add_guard_documentation(operation: &mut Operation) {
     for (status, name) in [
         ("401", UNAUTHORIZED),
         ("403", FORBIDDEN),
+        ("413", PAYLOAD_TOO_LARGE),
         ("429", TOO_MANY_REQUESTS),
         ("503", UNAVAILABLE),
     ] {
@@ -208,6 +246,41 @@ fn add_guard_documentation(operation: &mut Operation) {
         .parameters
         .get_or_insert_with(Vec::new)
         .push(RefOr::T(consistency));
+}
+
+/// The read model's position and lag, which the read-your-writes layer adds to
+/// every answer it lets through (not to the guards' own refusals), on each
+/// success response. Optional: a resource with no projector to report on has
+/// neither.
+fn add_position_headers(operation: &mut Operation) {
+    let count = || {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::Integer)
+            .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                utoipa::openapi::KnownFormat::Int64,
+            )))
+            .minimum(Some(0))
+    };
+    let position = header_of(
+        count(),
+        false,
+        "The stored next offsets of the projectors behind this answer, summed over \
+         their partitions: it only grows",
+    );
+    let lag = header_of(
+        count(),
+        false,
+        "Records the furthest-behind projector behind this answer has yet to apply, \
+         as of the log ends it last saw",
+    );
+    for (status, response) in operation.responses.responses.iter_mut() {
+        if let (true, RefOr::T(response)) = (status.starts_with('2'), response) {
+            response
+                .headers
+                .insert(POSITION_HEADER.to_owned(), position.clone());
+            response.headers.insert(LAG_HEADER.to_owned(), lag.clone());
+        }
+    }
 }
 
 /// `/openapi.json` and `/docs`.
@@ -363,7 +436,7 @@ mod tests {
         }
         let list = doc.paths.paths["/v1/worlds"].get.as_ref().unwrap();
         assert!(!list.responses.responses.contains_key("404"));
-        for status in ["401", "403", "429"] {
+        for status in ["401", "403", "413", "429"] {
             assert!(list.responses.responses.contains_key(status), "{status}");
         }
         assert!(list.security.is_some());
@@ -373,5 +446,46 @@ mod tests {
                 .flatten()
                 .any(|p| matches!(p, RefOr::T(p) if p.name == "X-Consistency-Token"))
         );
+    }
+
+    #[test]
+    fn given_the_document_then_headers_every_answer_carries_are_required() {
+        let (_, paths) = crate::routes::api().split_for_parts();
+        let json = serde_json::to_value(document(paths)).unwrap();
+        let responses = &json["components"]["responses"];
+        for (response, header) in [
+            ("Unavailable", "retry-after"),
+            ("TooManyRequests", "retry-after"),
+            ("Unauthorized", "www-authenticate"),
+            ("Forbidden", "www-authenticate"),
+        ] {
+            assert_eq!(
+                responses[response]["headers"][header]["required"], true,
+                "{response} {header}"
+            );
+        }
+        let ok = &json["paths"]["/v1/worlds/{world}/clock"]["get"]["responses"]["200"];
+        for header in [POSITION_HEADER, LAG_HEADER] {
+            assert_eq!(ok["headers"][header]["schema"]["minimum"], 0, "{header}");
+            assert!(ok["headers"][header].get("required").is_none(), "{header}");
+        }
+    }
+
+    #[test]
+    fn given_tick_parameters_then_bounded_like_a_bigint() {
+        let (_, paths) = crate::routes::api().split_for_parts();
+        let json = serde_json::to_value(document(paths)).unwrap();
+        let history = &json["paths"]["/v1/worlds/{world}/weather/{region}/history"]["get"];
+        let ticks: Vec<_> = history["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["name"].as_str().unwrap().ends_with("_tick"))
+            .collect();
+        assert_eq!(ticks.len(), 2);
+        for tick in ticks {
+            assert_eq!(tick["schema"]["minimum"], 0);
+            assert_eq!(tick["schema"]["maximum"], i64::MAX);
+        }
     }
 }

@@ -77,12 +77,15 @@ pub struct Problem {
     pub kind: String,
     /// A short summary of the kind of problem.
     pub title: String,
-    /// The HTTP status code.
+    /// The HTTP status code (only errors are problems).
+    #[schema(minimum = 400, maximum = 599)]
     pub status: u16,
     /// What went wrong in this request, in words.
     pub detail: String,
-    /// For a bad parameter: its name (a path segment or a query parameter).
+    /// For a bad parameter: its name (a path segment, a query parameter or a
+    /// header). Absent otherwise, never `null`.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub parameter: Option<String>,
 }
 

@@ -3,21 +3,28 @@
 //! body-size limit, and the read-your-writes wait with position headers.
 //!
 //! Layer order, outermost first: time limit → body limit → auth (401/403/404)
-//! → rate limit (per authenticated principal) → consistency wait → handler.
+//! → rate limit (per authenticated principal) → consistency wait → query
+//! parameter check (400, see [`crate::app_with`]) → handler.
 //! `/livez`, `/readyz`, `/metrics`, `/openapi.json` and `/docs` are not behind it.
+//!
+//! A request over the time limit is a 503 problem with `Retry-After: 1`; a
+//! request declaring a body over the size limit (`Content-Length`) is a 413
+//! problem before anything else reads it, and a body that turns out larger
+//! while being read fails the read.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::{RawPathParams, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tower_http::limit::RequestBodyLimitLayer;
 use worldline_ops::Settings;
-use worldline_ops::auth::{AuthConfigError, Authenticator, Principal, Scope};
+use worldline_ops::auth::{AuthConfigError, Authenticator, Scope, WORLD_PARAM};
 
 use crate::consistency::{self, Progress};
 use crate::error::{PROBLEM_JSON, Problem};
@@ -60,28 +67,90 @@ impl Guards {
         })
     }
 
-    /// Wraps one projector's routes with every guard.
-    pub fn wrap<S>(&self, projector: &'static str, routes: Router<S>) -> Router<S>
+    /// Wraps the routes of one resource (served from the read models of
+    /// `projectors`) with every guard.
+    ///
+    /// One middleware runs them all in the documented order: every layer of
+    /// its own would clone the inner route and box a future per request.
+    pub fn wrap<S>(&self, projectors: &'static [&'static str], routes: Router<S>) -> Router<S>
     where
         S: Clone + Send + Sync + 'static,
     {
-        let routes = consistency::wrap(
-            routes,
-            self.progress.clone(),
-            projector,
-            self.read_your_writes_timeout,
-        )
-        .route_layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&self.rate_limiter),
-            rate_limit,
-        ));
-        worldline_ops::auth::require(routes, Arc::clone(&self.authenticator), Scope::Read)
+        let resource = Arc::new(ResourceGuard {
+            authenticator: Arc::clone(&self.authenticator),
+            rate_limiter: Arc::clone(&self.rate_limiter),
+            wait: consistency::Wait::new(&self.progress, projectors, self.read_your_writes_timeout),
+            request_timeout: self.request_timeout,
+            max_body_bytes: self.max_body_bytes,
+        });
+        routes
             .route_layer(RequestBodyLimitLayer::new(self.max_body_bytes))
-            .route_layer(axum::middleware::from_fn_with_state(
-                self.request_timeout,
-                time_limit,
-            ))
+            .route_layer(axum::middleware::from_fn_with_state(resource, guard))
     }
+}
+
+/// What [`guard`] needs for one resource's routes.
+#[derive(Debug)]
+struct ResourceGuard {
+    authenticator: Arc<Authenticator>,
+    rate_limiter: Arc<RateLimiter>,
+    wait: consistency::Wait,
+    request_timeout: Duration,
+    max_body_bytes: usize,
+}
+
+/// Time limit → declared body size → auth → rate limit → read-your-writes
+/// wait; the body limit itself (for bodies without a `Content-Length`) is the
+/// `RequestBodyLimitLayer` inside.
+async fn guard(
+    State(resource): State<Arc<ResourceGuard>>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let limit = resource.request_timeout;
+    match tokio::time::timeout(limit, admit(&resource, params, request, next)).await {
+        Ok(response) => response,
+        Err(_) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "Request timed out",
+            format!("the request took longer than {} ms", limit.as_millis()),
+            1,
+        ),
+    }
+}
+
+async fn admit(
+    resource: &ResourceGuard,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if declared_length(request.headers()).is_some_and(|n| n > resource.max_body_bytes as u64) {
+        return too_large(resource.max_body_bytes);
+    }
+    let world = params.as_ref().ok().and_then(|params| {
+        params
+            .iter()
+            .find(|(key, _)| *key == WORLD_PARAM)
+            .map(|(_, value)| value)
+    });
+    let principal = match resource
+        .authenticator
+        .check(request.headers(), Scope::Read, world)
+    {
+        Ok(principal) => principal,
+        Err(refusal) => {
+            tracing::debug!(scope = %Scope::Read, world, %refusal, "request refused");
+            return refusal.into_response();
+        }
+    };
+    if let Err(wait) = resource.rate_limiter.admit(&principal.name) {
+        return too_many(&principal.name, wait);
+    }
+    request.extensions_mut().insert(principal);
+    resource.wait.answer(request, next).await
 }
 
 /// A token bucket: `burst` requests at once, refilled at `rate` per second.
@@ -145,7 +214,10 @@ impl RateLimiter {
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buckets.len() >= MAX_TRACKED_PRINCIPALS && !buckets.contains_key(principal) {
+        if let Some(bucket) = buckets.get_mut(principal) {
+            return bucket.take(now, self.rate, self.burst);
+        }
+        if buckets.len() >= MAX_TRACKED_PRINCIPALS {
             let (rate, burst) = (self.rate, self.burst);
             buckets.retain(|_, bucket| {
                 let mut probe = *bucket;
@@ -159,42 +231,41 @@ impl RateLimiter {
     }
 }
 
-async fn rate_limit(
-    State(limiter): State<Arc<RateLimiter>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let name = request
-        .extensions()
-        .get::<Principal>()
-        .map(|p| p.name.clone())
-        .unwrap_or_default();
-    match limiter.admit(&name) {
-        Ok(()) => next.run(request).await,
-        Err(wait) => {
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            problem(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too-many-requests",
-                "Too many requests",
-                format!("token {name:?} is over its request rate; retry in {seconds} s"),
-                seconds.max(1),
-            )
-        }
-    }
+fn too_many(name: &str, wait: Duration) -> Response {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    problem(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too-many-requests",
+        "Too many requests",
+        format!("token {name:?} is over its request rate; retry in {seconds} s"),
+        seconds.max(1),
+    )
 }
 
-async fn time_limit(State(limit): State<Duration>, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            "Request timed out",
-            format!("the request took longer than {} ms", limit.as_millis()),
-            1,
-        ),
-    }
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn too_large(max_bytes: usize) -> Response {
+    let status = StatusCode::PAYLOAD_TOO_LARGE;
+    let body = Problem {
+        kind: "https://worldline.dev/problems/payload-too-large".to_owned(),
+        title: "Payload too large".to_owned(),
+        status: status.as_u16(),
+        detail: format!("the request body is larger than {max_bytes} bytes"),
+        parameter: None,
+    };
+    let mut response = (status, axum::Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    response
 }
 
 fn problem(
@@ -243,6 +314,17 @@ mod tests {
         assert!(bucket.take(later, 1.0, 2).is_ok());
         assert!(bucket.take(later, 1.0, 2).is_ok());
         assert!(bucket.take(later, 1.0, 2).is_err());
+    }
+
+    #[test]
+    fn given_a_declared_body_over_the_limit_then_a_413_problem() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(declared_length(&headers), None);
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2049"));
+        assert_eq!(declared_length(&headers), Some(2049));
+        let response = too_large(2048);
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
     }
 
     #[test]

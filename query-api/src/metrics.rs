@@ -4,12 +4,14 @@
 //! the raw path: raw paths carry world and player ids, and one label value per
 //! id would grow the metric without bound.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::Method;
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
+use metrics::SharedString;
 
 /// Counter of answered requests, labelled `route`, `method`, `status`.
 pub const REQUESTS_TOTAL: &str = "worldline_http_requests_total";
@@ -22,15 +24,36 @@ pub const UNMATCHED: &str = "unmatched";
 
 /// Middleware recording [`REQUESTS_TOTAL`] and [`REQUEST_DURATION`].
 pub async fn track(request: Request, next: Next) -> Response {
+    // One allocation for the route label, shared by both metrics; the method
+    // and the usual statuses are static strings.
     let route = route_label(request.extensions().get::<MatchedPath>());
-    let method = method_label(request.method()).to_owned();
+    let method = method_label(request.method());
     let started = Instant::now();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
+    let status = status_label(response.status());
     metrics::counter!(REQUESTS_TOTAL, "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);
     metrics::histogram!(REQUEST_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The status code as a label value, without formatting the common ones.
+fn status_label(status: StatusCode) -> SharedString {
+    let common = match status.as_u16() {
+        200 => "200",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => return SharedString::from_owned(status.as_u16().to_string()),
+    };
+    SharedString::const_str(common)
 }
 
 /// Standard methods by name; anything else (clients may send any token) as
@@ -50,8 +73,11 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-fn route_label(matched: Option<&MatchedPath>) -> String {
-    matched.map_or_else(|| UNMATCHED.to_owned(), |m| m.as_str().to_owned())
+fn route_label(matched: Option<&MatchedPath>) -> SharedString {
+    match matched {
+        Some(matched) => SharedString::from(Arc::<str>::from(matched.as_str())),
+        None => SharedString::const_str(UNMATCHED),
+    }
 }
 
 #[cfg(test)]
@@ -60,12 +86,18 @@ mod tests {
 
     #[test]
     fn given_no_matched_route_then_one_shared_label() {
-        assert_eq!(route_label(None), UNMATCHED);
+        assert_eq!(&*route_label(None), UNMATCHED);
     }
 
     #[test]
     fn given_a_made_up_method_then_one_shared_label() {
         assert_eq!(method_label(&Method::GET), "GET");
         assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+    }
+
+    #[test]
+    fn given_any_status_then_its_code_is_the_label() {
+        assert_eq!(&*status_label(StatusCode::OK), "200");
+        assert_eq!(&*status_label(StatusCode::IM_A_TEAPOT), "418");
     }
 }

@@ -69,8 +69,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use sqlx::{PgPool, QueryBuilder};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use utoipa::IntoParams;
@@ -476,9 +476,10 @@ pub struct StreamEvent {
     params(
         WorldPath,
         StreamQuery,
-        ("Last-Event-ID" = Option<String>, Header,
+        ("Last-Event-ID" = Option<String>, Header, nullable = false,
+         pattern = "^[A-Za-z0-9_-]*$",
          description = "The `id` of the last event received, unchanged, to resume after it \
-                        (opaque: an id this stream did not make is a 400)")
+                        (opaque: an id this stream did not make is a 400; empty is none)")
     ),
     responses((
         status = 200,
@@ -497,7 +498,7 @@ async fn stream(
     let world = path.world()?;
     let families = Families::parse(query.families.as_deref())?;
     let resume = last_event_id(&headers)?;
-    if !world_exists(&state.pool, &world).await? {
+    if !world_exists(&state.readers, &world).await? {
         return Err(ApiError::unknown_world(world.as_str()));
     }
     // Subscribed before the first read: a commit between the two is re-read,
@@ -745,25 +746,29 @@ impl Connection {
 
     async fn read_inference(&mut self) -> Result<(), sqlx::Error> {
         loop {
-            let (after_at, after_id) = match self.position.i {
-                Some((micros, id)) => (DateTime::from_timestamp_micros(micros), Some(id)),
-                None => (None, None),
-            };
-            let rows: Vec<Inference> = sqlx::query_as(
+            // Only the conditions that apply: see `crate::connect_reader`.
+            let mut sql = QueryBuilder::new(
                 "SELECT event_id, tick, occurred_at, model_id, model_version, purpose,
                         prompt_tokens, completion_tokens, latency_ms, cost_micro_usd, outcome,
                         npc_id, input_hash
                    FROM inference.inferences
-                  WHERE world_id = $1
-                    AND ($2::timestamptz IS NULL OR (occurred_at, event_id) > ($2, $3))
-                  ORDER BY occurred_at, event_id LIMIT $4",
-            )
-            .bind(self.world.as_str())
-            .bind(after_at)
-            .bind(after_id)
-            .bind(BATCH)
-            .fetch_all(&self.pool)
-            .await?;
+                  WHERE world_id = ",
+            );
+            sql.push_bind(self.world.as_str());
+            let after = self
+                .position
+                .i
+                .and_then(|(micros, id)| Some((DateTime::from_timestamp_micros(micros)?, id)));
+            if let Some((at, id)) = after {
+                sql.push(" AND (occurred_at, event_id) > (")
+                    .push_bind(at)
+                    .push(", ")
+                    .push_bind(id)
+                    .push(")");
+            }
+            sql.push(" ORDER BY occurred_at, event_id LIMIT ")
+                .push_bind(BATCH);
+            let rows: Vec<Inference> = sql.build_query_as().fetch_all(&self.pool).await?;
             let full = rows.len() as i64 == BATCH;
             for row in rows {
                 self.position.i = Some((row.occurred_at.timestamp_micros(), row.event_id));

@@ -3,10 +3,11 @@
 //! (fixed seed), and every answer must match the document, never a 5xx.
 //!
 //! The API runs as `worldline serve` builds it (auth, limits, read-your-writes),
-//! over read models the real pipeline filled from the query API's fixture, so
+//! over read models the real pipeline filled from `tests/src/fixture.rs`, so
 //! the ids in `ops/schemathesis.toml` reach real rows. `ops/dev test` installs
-//! schemathesis; without it the test is skipped with a message, unless `CI` is
-//! set, where a missing tool is a failure.
+//! the schemathesis pinned in `ops/schemathesis-requirements.txt`; without it
+//! the test is skipped with a message, unless `CI` is set, where a missing tool
+//! is a failure.
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
@@ -21,6 +22,15 @@ use worldline_producers::{Appender, AppenderOptions};
 use worldline_tests::{TestEnv, eventually, fixture};
 
 const TOKEN: &str = "conformance-read-token";
+
+/// The Hypothesis seed: the same seed, schemathesis and document make the same
+/// requests, so a failure in CI replays locally.
+const SEED: &str = "1";
+
+/// Examples per operation in the fuzzing phase (the coverage phase's count
+/// follows from the document). 100 keeps the whole run near a minute on a
+/// debug build; past that, more examples mostly repeat the same shapes.
+const MAX_EXAMPLES: &str = "100";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -118,6 +128,8 @@ async fn the_served_document_holds_for_every_generated_request() {
         .arg("--header")
         .arg(format!("Authorization: Bearer {TOKEN}"))
         .env("SCHEMATHESIS", &schemathesis)
+        .env("SEED", SEED)
+        .env("MAX_EXAMPLES", MAX_EXAMPLES)
         .kill_on_drop(true)
         .output()
         .await
@@ -134,4 +146,21 @@ async fn the_served_document_holds_for_every_generated_request() {
     );
     shutdown.cancel();
     env.cleanup().await;
+}
+
+/// The `Last-Event-ID` that `ops/schemathesis.toml` sends stands for the very
+/// start of a stream; an id drifting from `Position::origin()` would quietly
+/// test a resume from somewhere else.
+#[test]
+fn the_configured_last_event_id_is_the_stream_origin() {
+    let config = std::fs::read_to_string(repo_root().join("ops/schemathesis.toml")).unwrap();
+    let configured: Vec<&str> = config
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix(r#""header.Last-Event-ID" = "#))
+        .map(|value| value.trim().trim_matches('"'))
+        .collect();
+    assert_eq!(
+        configured,
+        [worldline_query_api::stream::Position::origin().encode()]
+    );
 }

@@ -1,6 +1,7 @@
 //! The query API over read models filled by the real pipeline: events appended
 //! to Kafka with the Appender, every projector running in-process, the API
-//! served on a loopback port and queried over HTTP.
+//! built from settings (guards included, as `worldline serve` builds it),
+//! served on a loopback port and queried over HTTP with a `read` token.
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
@@ -8,12 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use worldline_ops::Health;
+use worldline_ops::config::StaticToken;
 use worldline_producers::{Appender, AppenderOptions};
-use worldline_query_api::AppState;
 use worldline_schemas::pb::{InferenceOutcome, InferencePurpose};
 use worldline_tests::{Running, TestEnv, eventually};
 
@@ -33,7 +35,16 @@ struct Served {
 impl Served {
     /// Appends every event, projects them all, and serves the API.
     async fn start() -> Served {
-        let env = TestEnv::new(2).await;
+        let mut env = TestEnv::new(2).await;
+        env.settings.auth.tokens = vec![StaticToken {
+            name: "reader".to_owned(),
+            token: READ_TOKEN.to_owned(),
+            scopes: vec!["read".to_owned()],
+            worlds: None,
+        }];
+        // These tests send hundreds of requests at once; the limit has its own test.
+        env.settings.auth.rate_limit_per_second = 1e6;
+        env.settings.auth.rate_limit_burst = 1_000_000;
         let appender = Appender::new(
             &env.settings.kafka,
             AppenderOptions {
@@ -61,13 +72,13 @@ impl Served {
             .await;
         }
         let shutdown = CancellationToken::new();
-        let health = Health::default();
-        tokio::spawn(worldline_query_api::watch_database(
-            env.pool.clone(),
-            health.clone(),
+        let app = worldline_query_api::build_with_shutdown(
+            &env.settings,
+            Health::default(),
             shutdown.clone(),
-        ));
-        let app = worldline_query_api::app(AppState::new(env.pool.clone()), health);
+        )
+        .await
+        .unwrap();
         let (addr, _task) = worldline_ops::health::serve(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             app,
@@ -80,7 +91,13 @@ impl Served {
             projectors,
             shutdown,
             base: Url::parse(&format!("http://{addr}")).unwrap(),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .default_headers(HeaderMap::from_iter([(
+                    AUTHORIZATION,
+                    HeaderValue::from_str(&format!("Bearer {READ_TOKEN}")).unwrap(),
+                )]))
+                .build()
+                .unwrap(),
         }
     }
 
@@ -95,14 +112,30 @@ impl Served {
     }
 
     async fn get_url(&self, url: Url) -> (StatusCode, String, Value) {
-        let response = self.http.get(url).send().await.unwrap();
+        self.get_with(url, HeaderMap::new()).await
+    }
+
+    /// GETs with extra headers. An event stream never ends: what arrives
+    /// within a moment stands for its body.
+    async fn get_with(&self, url: Url, headers: HeaderMap) -> (StatusCode, String, Value) {
+        let mut response = self.http.get(url).headers(headers).send().await.unwrap();
         let status = response.status();
         let content_type = response
             .headers()
             .get("content-type")
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default();
-        let text = response.text().await.unwrap();
+        let text = if content_type == "text/event-stream" {
+            let mut bytes = Vec::new();
+            while let Ok(Ok(Some(chunk))) =
+                tokio::time::timeout(Duration::from_millis(500), response.chunk()).await
+            {
+                bytes.extend_from_slice(&chunk);
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        } else {
+            response.text().await.unwrap()
+        };
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
         (status, content_type, body)
     }
@@ -599,6 +632,11 @@ async fn given_the_real_pipeline_then_every_endpoint_serves_its_read_model() {
     api.stop().await;
 }
 
+/// `template`, or `value` when it is the placeholder.
+fn fill<'a>(template: &'a str, value: &'a str) -> &'a str {
+    if template == "{}" { value } else { template }
+}
+
 fn check_stats(page: &Value, in_window: impl Fn(&InferenceSpec) -> bool) {
     let mut expected: BTreeMap<(&str, &str), Vec<&InferenceSpec>> = BTreeMap::new();
     for spec in INFERENCES.iter().filter(|s| in_window(s)) {
@@ -644,8 +682,11 @@ fn check_stats(page: &Value, in_window: impl Fn(&InferenceSpec) -> bool) {
     }
 }
 
+/// The bearer token every request of these tests carries.
+const READ_TOKEN: &str = "r3ad-everything";
+
 /// Every documented route.
-const ROUTES: [&str; 11] = [
+const ROUTES: [&str; 13] = [
     "/v1/worlds",
     "/v1/worlds/{world}",
     "/v1/worlds/{world}/clock",
@@ -657,6 +698,8 @@ const ROUTES: [&str; 11] = [
     "/v1/worlds/{world}/story/{story}/tallies",
     "/v1/worlds/{world}/inferences",
     "/v1/worlds/{world}/inference/stats",
+    "/v1/worlds/{world}/state",
+    "/v1/worlds/{world}/stream",
 ];
 
 /// Every per-world list, as path segments, with ids that have data in emberfall.
@@ -683,12 +726,25 @@ fn list_paths(world: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// A request with a `{}` placeholder: `(segments, query, name of the slot)`.
-type Slot = (
-    Vec<&'static str>,
-    Vec<(&'static str, &'static str)>,
-    &'static str,
-);
+/// A request with a `{}` placeholder in one path segment, query parameter or
+/// header.
+struct Slot {
+    segments: Vec<&'static str>,
+    query: Vec<(&'static str, &'static str)>,
+    headers: Vec<(&'static str, &'static str)>,
+    name: &'static str,
+}
+
+impl Slot {
+    fn path(segments: Vec<&'static str>, name: &'static str) -> Slot {
+        Slot {
+            segments,
+            query: Vec::new(),
+            headers: Vec::new(),
+            name,
+        }
+    }
+}
 
 /// A bad request and the parameter its 400 must name: `(segments, query, parameter)`.
 type BadCase<'a> = (&'a [&'a str], Vec<(&'a str, &'a str)>, &'a str);
@@ -696,49 +752,36 @@ type BadCase<'a> = (&'a [&'a str], Vec<(&'a str, &'a str)>, &'a str);
 /// Every route with a placeholder for one path segment or query parameter.
 fn slots() -> Vec<Slot> {
     let w = "emberfall";
-    let mut slots = vec![
-        (vec!["v1", "worlds", "{}"], vec![], "world"),
-        (vec!["v1", "worlds", "{}", "clock"], vec![], "world"),
-        (vec!["v1", "worlds", "{}", "weather"], vec![], "world"),
-        (vec!["v1", "worlds", w, "weather", "{}"], vec![], "region"),
-        (
-            vec!["v1", "worlds", "{}", "weather", "north"],
-            vec![],
-            "world",
-        ),
+    let path_slots: Vec<(Vec<&'static str>, &'static str)> = vec![
+        (vec!["v1", "worlds", "{}"], "world"),
+        (vec!["v1", "worlds", "{}", "clock"], "world"),
+        (vec!["v1", "worlds", "{}", "weather"], "world"),
+        (vec!["v1", "worlds", w, "weather", "{}"], "region"),
+        (vec!["v1", "worlds", "{}", "weather", "north"], "world"),
         (
             vec!["v1", "worlds", w, "weather", "{}", "history"],
-            vec![],
             "region",
         ),
         (
             vec!["v1", "worlds", w, "players", "{}", "stories"],
-            vec![],
             "player",
         ),
         (
             vec!["v1", "worlds", "{}", "players", "ayla", "stories"],
-            vec![],
             "world",
         ),
-        (
-            vec!["v1", "worlds", w, "story", "{}", "tallies"],
-            vec![],
-            "story",
-        ),
-        (
-            vec!["v1", "worlds", "{}", "story", "choices"],
-            vec![],
-            "world",
-        ),
-        (vec!["v1", "worlds", "{}", "inferences"], vec![], "world"),
-        (
-            vec!["v1", "worlds", "{}", "inference", "stats"],
-            vec![],
-            "world",
-        ),
+        (vec!["v1", "worlds", w, "story", "{}", "tallies"], "story"),
+        (vec!["v1", "worlds", "{}", "story", "choices"], "world"),
+        (vec!["v1", "worlds", "{}", "inferences"], "world"),
+        (vec!["v1", "worlds", "{}", "inference", "stats"], "world"),
+        (vec!["v1", "worlds", "{}", "state"], "world"),
+        (vec!["v1", "worlds", "{}", "stream"], "world"),
     ];
-    let query_slots: [(&[&'static str], &'static str); 17] = [
+    let mut slots: Vec<Slot> = path_slots
+        .into_iter()
+        .map(|(segments, name)| Slot::path(segments, name))
+        .collect();
+    let query_slots: [(&[&'static str], &'static str); 30] = [
         (&["weather"], "at_tick"),
         (&["weather"], "limit"),
         (&["weather"], "cursor"),
@@ -755,15 +798,78 @@ fn slots() -> Vec<Slot> {
         (&["inferences"], "to"),
         (&["inferences"], "cursor"),
         (&["inference", "stats"], "model"),
+        (&["inference", "stats"], "purpose"),
+        (&["inference", "stats"], "from"),
         (&["inference", "stats"], "to"),
+        (&["inference", "stats"], "cursor"),
+        (&["weather", "north", "history"], "cursor"),
+        (&["players", "ayla", "stories"], "cursor"),
+        (&["story", "lost-caravan", "tallies"], "cursor"),
+        (&["story", "choices"], "to_tick"),
+        (&["state"], "at_tick"),
+        (&["stream"], "families"),
+        // A parameter the route does not take: named in a 400, never echoed raw.
+        (&["clock"], "{}"),
+        (&["weather", "north"], "limit"),
+        (&["players", "ayla", "stories"], "limit"),
+        (&["story", "lost-caravan", "tallies"], "limit"),
     ];
     for (rest, name) in query_slots {
         let mut segments = vec!["v1", "worlds", w];
         segments.extend_from_slice(rest);
-        slots.push((segments, vec![(name, "{}")], name));
+        let query = if name == "{}" {
+            vec![("{}", "1")]
+        } else {
+            vec![(name, "{}")]
+        };
+        slots.push(Slot {
+            segments,
+            query,
+            headers: Vec::new(),
+            name,
+        });
     }
-    slots.push((vec!["v1", "worlds"], vec![("cursor", "{}")], "cursor"));
-    slots.push((vec!["v1", "worlds"], vec![("limit", "{}")], "limit"));
+    slots.push(Slot {
+        segments: vec!["v1", "worlds"],
+        query: vec![("cursor", "{}")],
+        headers: Vec::new(),
+        name: "cursor",
+    });
+    slots.push(Slot {
+        segments: vec!["v1", "worlds"],
+        query: vec![("limit", "{}")],
+        headers: Vec::new(),
+        name: "limit",
+    });
+    let header_slots: [(&[&'static str], &'static str); 6] = [
+        (&["stream"], "Last-Event-ID"),
+        (&["clock"], "X-Consistency-Token"),
+        (&["state"], "X-Consistency-Token"),
+        (&["story", "choices"], "X-Consistency-Token"),
+        (&["stream"], "X-Consistency-Token"),
+        (&[], "X-Consistency-Token"),
+    ];
+    for (rest, name) in header_slots {
+        let mut segments = vec!["v1", "worlds", w];
+        segments.extend_from_slice(rest);
+        let query = if rest == ["state"] {
+            vec![("at_tick", "30")]
+        } else {
+            Vec::new()
+        };
+        slots.push(Slot {
+            segments,
+            query,
+            headers: vec![(name, "{}")],
+            name,
+        });
+    }
+    slots.push(Slot {
+        segments: vec!["v1", "worlds"],
+        query: Vec::new(),
+        headers: vec![("X-Consistency-Token", "{}")],
+        name: "X-Consistency-Token",
+    });
     slots
 }
 
@@ -780,7 +886,12 @@ async fn given_bad_or_hostile_input_then_a_problem_naming_it_and_never_a_5xx_or_
             .replace("{player}", "ayla")
             .replace("{story}", "lost-caravan");
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let problem = api.problem(&segments, &[], StatusCode::NOT_FOUND).await;
+        let query: &[(&str, &str)] = if route.ends_with("/state") {
+            &[("at_tick", "0")]
+        } else {
+            &[]
+        };
+        let problem = api.problem(&segments, query, StatusCode::NOT_FOUND).await;
         assert!(
             problem["detail"]
                 .as_str()
@@ -830,14 +941,48 @@ async fn given_bad_or_hostile_input_then_a_problem_naming_it_and_never_a_5xx_or_
             vec![],
             "region",
         ),
+        (
+            &["v1", "worlds", "emberfall", "stream"],
+            vec![("families", "clock,rumours")],
+            "families",
+        ),
+        (&["v1", "worlds", "emberfall", "state"], vec![], "at_tick"),
     ];
-    for (segments, query, parameter) in cases {
-        let problem = api.problem(segments, &query, StatusCode::BAD_REQUEST).await;
+    // A parameter the route does not take is refused, not ignored.
+    let unknown: Vec<BadCase<'_>> = vec![
+        (&choices, vec![("form_tick", "3")], "form_tick"),
+        (
+            &["v1", "worlds", "emberfall", "clock"],
+            vec![("at_tick", "3")],
+            "at_tick",
+        ),
+        (&["v1", "worlds"], vec![("world", "emberfall")], "world"),
+        (
+            &["v1", "worlds", "emberfall", "state"],
+            vec![("at_tick", "3"), ("region", "north")],
+            "region",
+        ),
+        (
+            &["v1", "worlds", "emberfall", "stream"],
+            vec![("family", "clock")],
+            "family",
+        ),
+    ];
+    for (segments, query, parameter) in cases.iter().chain(&unknown) {
+        let problem = api.problem(segments, query, StatusCode::BAD_REQUEST).await;
         assert_eq!(
-            problem["parameter"], parameter,
+            problem["parameter"], *parameter,
             "{segments:?} {query:?}: {problem}"
         );
         assert_eq!(problem["title"], "Bad parameter");
+    }
+    for (segments, query, parameter) in &unknown {
+        let problem = api.problem(segments, query, StatusCode::BAD_REQUEST).await;
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(&format!("unknown query parameter `{parameter}`")),
+            "{segments:?} {query:?}: {detail}"
+        );
     }
 
     // Hostile strings in every slot: never a 5xx, never the other world's rows.
@@ -856,18 +1001,32 @@ async fn given_bad_or_hostile_input_then_a_problem_naming_it_and_never_a_5xx_or_
         "9223372036854775807",
         long.as_str(),
     ];
-    for (segments, query, slot) in slots() {
+    for slot in slots() {
+        let name = slot.name;
         for value in hostile {
-            let segments: Vec<&str> = segments
+            let segments: Vec<&str> = slot.segments.iter().map(|s| fill(s, value)).collect();
+            let query: Vec<(&str, &str)> = slot
+                .query
                 .iter()
-                .map(|s| if *s == "{}" { value } else { *s })
+                .map(|(k, v)| (fill(k, value), fill(v, value)))
                 .collect();
-            let query: Vec<(&str, &str)> = query
-                .iter()
-                .map(|(k, v)| (*k, if *v == "{}" { value } else { *v }))
-                .collect();
+            let mut headers = HeaderMap::new();
+            let mut sendable = true;
+            for (header, v) in &slot.headers {
+                // Control characters cannot be sent in a header at all.
+                match HeaderValue::from_bytes(fill(v, value).as_bytes()) {
+                    Ok(v) => {
+                        headers.insert(HeaderName::from_bytes(header.as_bytes()).unwrap(), v);
+                    }
+                    Err(_) => sendable = false,
+                }
+            }
+            if !sendable {
+                continue;
+            }
+            let slot = name;
             let url = api.url(&segments, &query);
-            let (status, _, body) = api.get_url(url.clone()).await;
+            let (status, _, body) = api.get_with(url.clone(), headers).await;
             assert!(
                 !status.is_server_error(),
                 "{slot}={value:.40}: {status} {body}"

@@ -24,8 +24,11 @@ const HS_SECRET: &str = "an-hs256-secret-of-at-least-32-bytes";
 const RSA_PRIVATE: &str = include_str!("../fixtures/jwt/rs256-private.pem");
 const RSA_PUBLIC: &str = include_str!("../fixtures/jwt/rs256-public.pem");
 
+/// A world that exists, but that the `frost-reader` token may not see.
+const OTHER_WORLD: &str = "frostholm";
+
 /// Every `/v1` read endpoint, with `{w}` for the world.
-const ENDPOINTS: [&str; 11] = [
+const ENDPOINTS: [&str; 13] = [
     "/v1/worlds",
     "/v1/worlds/{w}",
     "/v1/worlds/{w}/clock",
@@ -37,7 +40,15 @@ const ENDPOINTS: [&str; 11] = [
     "/v1/worlds/{w}/story/intro/tallies",
     "/v1/worlds/{w}/inferences",
     "/v1/worlds/{w}/inference/stats",
+    "/v1/worlds/{w}/state?at_tick=5",
+    "/v1/worlds/{w}/stream",
 ];
+
+/// `path` with a query parameter no route takes.
+fn with_unknown_parameter(path: &str) -> String {
+    let separator = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{separator}x=1")
+}
 
 fn token(name: &str, secret: &str, scopes: &[&str], worlds: Option<&[&str]>) -> StaticToken {
     StaticToken {
@@ -87,18 +98,20 @@ async fn serve(configure: impl FnOnce(&mut TestEnv), with_world: bool) -> Served
             },
         )
         .unwrap();
-        let world = WorldId::parse(WORLD).unwrap();
-        let created = Body::WorldCreated(WorldCreated {
-            display_name: "Emberfall".to_owned(),
-            seed: 1,
-            time_scale: 60,
-            tick_interval_ms: 1000,
-            regions: vec!["north".to_owned()],
-        });
-        appender
-            .append(&new_envelope(&world, 0, "test", created))
-            .await
-            .unwrap();
+        for name in [WORLD, OTHER_WORLD] {
+            let world = WorldId::parse(name).unwrap();
+            let created = Body::WorldCreated(WorldCreated {
+                display_name: name.to_owned(),
+                seed: 1,
+                time_scale: 60,
+                tick_interval_ms: 1000,
+                regions: vec!["north".to_owned()],
+            });
+            appender
+                .append(&new_envelope(&world, 0, "test", created))
+                .await
+                .unwrap();
+        }
         // Every read model's schema must exist for the valid cases to get 200s.
         let all = worldline_projectors::registry::all();
         let running: Vec<Running> = all.iter().map(|p| env.start_projector(p.clone())).collect();
@@ -154,7 +167,7 @@ fn configure_matrix(env: &mut TestEnv) {
     env.settings.auth.tokens = vec![
         token("reader", "r3ader", &["read"], None),
         token("writer", "wr1ter", &["ingest"], None),
-        token("frost-reader", "fr0st", &["read"], Some(&["frostholm"])),
+        token("frost-reader", "fr0st", &["read"], Some(&[OTHER_WORLD])),
     ];
     env.settings.auth.jwt = Some(JwtSettings {
         issuer: "https://id.example".to_owned(),
@@ -183,6 +196,7 @@ async fn every_read_endpoint_enforces_the_auth_matrix() {
     for endpoint in ENDPOINTS {
         let path = endpoint.replace("{w}", WORLD);
         let per_world = endpoint.contains("{w}");
+        let is_stream = endpoint.ends_with("/stream");
         for (case, authorization, status, www) in [
             ("none", None, 401, Some(challenge)),
             ("malformed", Some("Bearer two words"), 401, Some(invalid)),
@@ -202,19 +216,23 @@ async fn every_read_endpoint_enforces_the_auth_matrix() {
             ),
             ("wrong scope", Some("Bearer wr1ter"), 403, None),
         ] {
-            let response = served.get(&path, authorization).await;
-            assert_eq!(response.status().as_u16(), status, "{case} on {endpoint}");
-            assert_eq!(
-                response.headers()["content-type"],
-                "application/problem+json",
-                "{case} on {endpoint}"
-            );
-            if let Some(www) = www {
+            // Credentials are judged before the query string: a parameter
+            // the route does not take changes nothing for a refused request.
+            for path in [path.clone(), with_unknown_parameter(&path)] {
+                let response = served.get(&path, authorization).await;
+                assert_eq!(response.status().as_u16(), status, "{case} on {path}");
                 assert_eq!(
-                    response.headers()["www-authenticate"],
-                    www,
-                    "{case} on {endpoint}"
+                    response.headers()["content-type"],
+                    "application/problem+json",
+                    "{case} on {path}"
                 );
+                if let Some(www) = www {
+                    assert_eq!(
+                        response.headers()["www-authenticate"],
+                        www,
+                        "{case} on {path}"
+                    );
+                }
             }
         }
         for (case, authorization) in [
@@ -224,6 +242,16 @@ async fn every_read_endpoint_enforces_the_auth_matrix() {
         ] {
             let response = served.get(&path, Some(authorization)).await;
             let status = response.status();
+            if is_stream {
+                // An endless body: the status and the media type are the answer.
+                assert_eq!(status, StatusCode::OK, "{case} on {endpoint}");
+                assert_eq!(
+                    response.headers()["content-type"],
+                    "text/event-stream",
+                    "{case} on {endpoint}"
+                );
+                continue;
+            }
             let body: Value = response.json().await.unwrap();
             // A single resource the world lacks (clock, a region's weather) is a
             // 404 from the handler, never the unknown-world one.
@@ -234,6 +262,17 @@ async fn every_read_endpoint_enforces_the_auth_matrix() {
                 "{case} on {endpoint}: {status} {body}"
             );
         }
+        // Past the guards, the unknown parameter is the client's error.
+        let response = served
+            .get(&with_unknown_parameter(&path), Some("Bearer r3ader"))
+            .await;
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_REQUEST,
+            "unknown parameter on {endpoint}"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["parameter"], "x", "unknown parameter on {endpoint}");
         if per_world {
             let hidden = served.get(&path, Some("Bearer fr0st")).await;
             assert_eq!(
@@ -242,6 +281,14 @@ async fn every_read_endpoint_enforces_the_auth_matrix() {
                 "another world on {endpoint}"
             );
             let hidden: Value = hidden.json().await.unwrap();
+            let probing = served
+                .get(&with_unknown_parameter(&path), Some("Bearer fr0st"))
+                .await;
+            assert_eq!(
+                probing.status(),
+                StatusCode::NOT_FOUND,
+                "another world with an unknown parameter on {endpoint}"
+            );
             let ghost = served
                 .get(&endpoint.replace("{w}", "ghost"), Some("Bearer r3ader"))
                 .await;
@@ -256,6 +303,32 @@ async fn every_read_endpoint_enforces_the_auth_matrix() {
             );
         }
     }
+    // The list of worlds shows a limited token its worlds only, on every page.
+    for (authorization, expected) in [
+        ("Bearer r3ader", vec![WORLD, OTHER_WORLD]),
+        ("Bearer fr0st", vec![OTHER_WORLD]),
+    ] {
+        let mut listed = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(cursor) => format!("/v1/worlds?limit=1&cursor={cursor}"),
+                None => "/v1/worlds?limit=1".to_owned(),
+            };
+            let response = served.get(&path, Some(authorization)).await;
+            assert_eq!(response.status(), StatusCode::OK, "{authorization} {path}");
+            let page: Value = response.json().await.unwrap();
+            for item in page["items"].as_array().unwrap() {
+                listed.push(item["world_id"].as_str().unwrap().to_owned());
+            }
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(listed, expected, "/v1/worlds with {authorization}");
+    }
+
     // Operations endpoints stay open.
     for path in ["/livez", "/openapi.json"] {
         assert_eq!(

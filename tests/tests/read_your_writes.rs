@@ -1,6 +1,8 @@
 //! Read-your-writes: the ingest gateway and the query API (built from settings,
 //! as `worldline serve` builds it) on one port, every projector in-process. A
-//! query carrying the consistency token of an append sees that append.
+//! query carrying the consistency token of an append sees that append, on a
+//! route reading one read model or several (`/state`), woken by the
+//! projectors' notifications.
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
@@ -34,6 +36,12 @@ struct Served {
 }
 
 async fn serve(run_projectors: bool) -> Served {
+    serve_with(|_| {}, |_| run_projectors).await
+}
+
+/// Serves with `configure` applied to the settings; the projectors `keep`
+/// names go on running once every schema exists, the others are stopped.
+async fn serve_with(configure: impl FnOnce(&mut TestEnv), keep: impl Fn(&str) -> bool) -> Served {
     let mut env = TestEnv::new(2).await;
     env.settings.auth.tokens.push(StaticToken {
         name: "game".to_owned(),
@@ -44,6 +52,7 @@ async fn serve(run_projectors: bool) -> Served {
     env.settings.http.read_your_writes_timeout_ms = BOUND_MS;
     // Low, so the lag test can push a projector past it.
     env.settings.http.ready_max_lag_records = READY_MAX_LAG;
+    configure(&mut env);
     let appender = Appender::new(
         &env.settings.kafka,
         AppenderOptions {
@@ -70,7 +79,7 @@ async fn serve(run_projectors: bool) -> Served {
         .unwrap();
     let all = worldline_projectors::registry::all();
     // The schemas (and projector_offsets) exist once each projector has run.
-    let mut projectors: Vec<Running> = all.iter().map(|p| env.start_projector(p.clone())).collect();
+    let projectors: Vec<Running> = all.iter().map(|p| env.start_projector(p.clone())).collect();
     for projector in &all {
         let env = &env;
         eventually(
@@ -84,11 +93,15 @@ async fn serve(run_projectors: bool) -> Served {
         )
         .await;
     }
-    if !run_projectors {
-        for running in projectors.drain(..) {
+    let mut kept = Vec::new();
+    for (projector, running) in all.iter().zip(projectors) {
+        if keep(projector.name()) {
+            kept.push(running);
+        } else {
             running.stop().await;
         }
     }
+    let projectors = kept;
     let query = worldline_query_api::build(&env.settings, Health::default())
         .await
         .unwrap();
@@ -131,6 +144,54 @@ impl Served {
         assert_eq!(response.status(), StatusCode::OK, "append");
         let body: Value = response.json().await.unwrap();
         body["consistency_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Appends, in one batch, a clock tick, a weather change, a story choice of
+    /// `player` and an inference, all at `tick`; returns the batch's token.
+    async fn append_everywhere(&self, tick: u64, player: &str) -> String {
+        let event =
+            |kind: &str, data: Value| json!({"type": kind, "world_tick": tick, "data": data});
+        let response = self
+            .http
+            .post(format!("{}/v1/worlds/{WORLD}/events", self.base))
+            .bearer_auth(TOKEN)
+            .json(&json!({"events": [
+                event("ClockTicked", json!({
+                    "game_time_s": tick * 60, "day": 1, "season": "spring", "time_scale": 60
+                })),
+                event("WeatherChanged", json!({
+                    "region": "north", "condition": "rain", "temperature_dc": 50,
+                    "wind_dmps": 10, "precipitation_dmmph": 3
+                })),
+                event("StoryChoiceMade", json!({
+                    "player_id": player, "story_id": "intro", "node_id": "start",
+                    "choice_id": "wave", "next_node_id": "gate"
+                })),
+                event("InferenceRecorded", json!({
+                    "model_id": "npc-chat", "model_version": "1", "purpose": "npc_dialogue",
+                    "prompt_tokens": 10, "completion_tokens": 5, "latency_ms": 40,
+                    "cost_micro_usd": 7, "outcome": "ok"
+                })),
+            ]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "append");
+        let body: Value = response.json().await.unwrap();
+        body["consistency_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn state(&self, at_tick: u64, token: &str) -> reqwest::Response {
+        self.http
+            .get(format!(
+                "{}/v1/worlds/{WORLD}/state?at_tick={at_tick}",
+                self.base
+            ))
+            .bearer_auth(TOKEN)
+            .header("X-Consistency-Token", token)
+            .send()
+            .await
+            .unwrap()
     }
 
     async fn stories(&self, player: &str, token: &str) -> reqwest::Response {
@@ -293,5 +354,120 @@ async fn every_answer_reports_the_projectors_lag_and_readiness_follows_it() {
         },
     )
     .await;
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_query_with_the_append_token_sees_the_append_in_every_read_model_it_reads() {
+    let served = serve(true).await;
+    for trial in 1..=20 {
+        let player = format!("s{trial}");
+        let token = served.append_everywhere(trial, &player).await;
+        let response = served.state(trial, &token).await;
+        assert_eq!(response.status(), StatusCode::OK, "trial {trial}");
+        let state: Value = response.json().await.unwrap();
+        assert_eq!(state["clock"]["tick"], trial, "trial {trial}: {state}");
+        assert_eq!(
+            state["weather"]["north"]["since_tick"], trial,
+            "trial {trial}: {state}"
+        );
+        assert_eq!(
+            state["story_progress"][&player]["intro"], "gate",
+            "trial {trial}: {state}"
+        );
+        assert_eq!(
+            state["inference"]["inferences"], trial,
+            "trial {trial}: {state}"
+        );
+    }
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_query_waits_for_the_story_read_model_not_only_for_worlds() {
+    // Only the story projector is stopped: the worlds read model (which reads
+    // every family) applies the choice, the story read model does not.
+    let mut served = serve_with(|_| {}, |name| name != "story").await;
+    let token = served.choose("waiting").await;
+    let summary = served
+        .http
+        .get(format!("{}/v1/worlds/{WORLD}", served.base))
+        .bearer_auth(TOKEN)
+        .header("X-Consistency-Token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(summary.status(), StatusCode::OK, "worlds has the choice");
+    let stale = served.state(u64::MAX >> 1, &token).await;
+    assert_eq!(stale.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(stale.headers()["retry-after"], "1");
+    let problem: Value = stale.json().await.unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap().contains("story"),
+        "{problem}"
+    );
+
+    let story = worldline_projectors::registry::by_name("story").unwrap();
+    served.projectors.push(served.env.start_projector(story));
+    // The restarted projector first rejoins its group; until it has applied
+    // the choice the answer stays a 503, never a state without it.
+    let state = eventually(Duration::from_secs(60), "the story read model", || async {
+        let response = served.state(u64::MAX >> 1, &token).await;
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            return None;
+        }
+        assert_eq!(response.status(), StatusCode::OK);
+        Some(response.json::<Value>().await.unwrap())
+    })
+    .await;
+    assert_eq!(
+        state["story_progress"]["waiting"]["intro"], "",
+        "a choice without a next node ends the story: {state}"
+    );
+    served.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_refresh_beat_an_hour_away_a_notification_answers_a_fresh_token() {
+    const WAIT_MS: u64 = 20_000;
+    let served = serve_with(
+        |env| {
+            env.settings.http.progress_refresh_ms = 3_600_000;
+            env.settings.http.read_your_writes_timeout_ms = WAIT_MS;
+            env.settings.http.request_timeout_ms = 3 * WAIT_MS;
+        },
+        |_| true,
+    )
+    .await;
+    // The first answer proves the listener has read every schema once after
+    // its LISTEN; from then on only a notification can move a snapshot.
+    let token = served.choose("warm").await;
+    assert_eq!(
+        served.stories("warm", &token).await.status(),
+        StatusCode::OK
+    );
+    let mut positions = Vec::new();
+    for trial in 0..10 {
+        let player = format!("n{trial}");
+        let token = served.choose(&player).await;
+        let response = served.stories(&player, &token).await;
+        assert_eq!(response.status(), StatusCode::OK, "trial {trial}");
+        positions.push(
+            response.headers()["x-worldline-position"]
+                .to_str()
+                .unwrap()
+                .parse::<i64>()
+                .unwrap(),
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["items"][0]["story_id"], "intro",
+            "trial {trial}: {body}"
+        );
+    }
+    assert!(
+        positions.windows(2).all(|pair| pair[0] < pair[1]),
+        "each answer saw a newer snapshot: {positions:?}"
+    );
     served.stop().await;
 }

@@ -1,6 +1,10 @@
 //! The web page at `/`, opened in headless Chromium (Debian `chromium`) against
-//! the API over read models filled by the real pipeline: the page shows the
-//! world, its clock and weather, and updates live when a new tick is projected.
+//! the API as `worldline serve` builds it (bearer auth on every `/v1` route),
+//! over read models filled by the real pipeline: without a token the page says
+//! 401; with `?token=` it shows the world, its clock and weather, story and
+//! inference statistics and every projector's position, lag and dead letters
+//! (from `/v1/projectors`, as the API reads them from PostgreSQL), and updates
+//! live when new events are projected.
 //!
 //! Chromium is driven over the DevTools protocol (a minimal WebSocket client
 //! below) because only a live page can show a live update; `--dump-dom` dumps
@@ -16,23 +20,29 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use worldline_ops::Health;
+use worldline_ops::config::StaticToken;
 use worldline_producers::{Appender, AppenderOptions};
-use worldline_query_api::AppState;
-use worldline_schemas::WorldId;
 use worldline_schemas::envelope::new_envelope;
 use worldline_schemas::pb::envelope::Body;
 use worldline_schemas::pb::{
-    ClockTicked, Envelope, Season, WeatherChanged, WeatherCondition, WorldCreated,
+    ClockTicked, Envelope, InferenceOutcome, InferencePurpose, Season, WeatherChanged,
+    WeatherCondition, WorldCreated,
 };
+use worldline_schemas::{Family, WorldId};
+use worldline_tests::fixture::{self, c, i};
 use worldline_tests::{Running, TestEnv, eventually};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// The read token the page is opened with.
+const TOKEN: &str = "page-read-token";
 
 /// Flags that keep headless Chromium quiet, local and reproducible.
 const CHROMIUM_FLAGS: [&str; 9] = [
@@ -116,11 +126,18 @@ struct Served {
     projectors: Vec<Running>,
     shutdown: CancellationToken,
     base: String,
+    http: reqwest::Client,
 }
 
 impl Served {
     async fn start(initial: &[Envelope]) -> Served {
-        let env = TestEnv::new(1).await;
+        let mut env = TestEnv::new(1).await;
+        env.settings.auth.tokens.push(StaticToken {
+            name: "page".to_owned(),
+            token: TOKEN.to_owned(),
+            scopes: vec!["read".to_owned()],
+            worlds: None,
+        });
         let appender = Appender::new(
             &env.settings.kafka,
             AppenderOptions {
@@ -134,12 +151,15 @@ impl Served {
             .map(|p| env.start_projector(p.clone()))
             .collect();
         let shutdown = CancellationToken::new();
-        let app = worldline_query_api::app_with_shutdown(
-            AppState::new(env.pool.clone()),
+        // As `worldline serve` builds it: every `/v1` route needs a token, and no
+        // projector runs inside the API.
+        let app = worldline_query_api::build_with_shutdown(
+            &env.settings,
             Health::default(),
-            &|_, routes| routes,
             shutdown.clone(),
-        );
+        )
+        .await
+        .unwrap();
         let (addr, _server) = worldline_ops::health::serve(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             app,
@@ -153,9 +173,43 @@ impl Served {
             projectors,
             shutdown,
             base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
         };
         served.append(initial).await;
         served
+    }
+
+    /// A record no build can decode, on the weather topic: the projectors
+    /// reading weather dead-letter it.
+    async fn poison(&self) {
+        self.env
+            .raw_producer()
+            .send(
+                FutureRecord::to(&self.env.topic(Family::Weather))
+                    .key("emberfall")
+                    .payload(&[0xde_u8, 0xad, 0xbe, 0xef][..]),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        self.append(&[]).await;
+    }
+
+    /// A `/v1` answer, with the page's token.
+    async fn api(&self, path: &str) -> Value {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
     }
 
     async fn append(&self, events: &[Envelope]) {
@@ -383,11 +437,54 @@ impl Page {
     }
 }
 
+/// The projector lag panel as `[[projector, applied, behind, dead letters]]`.
+const LAG_ROWS: &str = "JSON.stringify([...document.querySelectorAll('#lag tr[data-projector]')]\
+    .map((r) => [r.dataset.projector, r.querySelector('.position').textContent,\
+    r.querySelector('.lag').textContent, r.querySelector('.dead').textContent]))";
+
+/// What the lag panel must show for a `/v1/projectors` answer.
+fn lag_rows(status: &Value) -> Value {
+    let rows: Vec<Value> = status["projectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            json!([
+                p["projector"],
+                p["position"].to_string(),
+                p["lag_records"].to_string(),
+                p["dead_letters"]["pending"].to_string(),
+            ])
+        })
+        .collect();
+    json!(Value::Array(rows).to_string())
+}
+
+/// Waits until every projector has applied its whole log and an instance has
+/// observed its log ends, then returns `/v1/projectors`.
+async fn settled_projectors(served: &Served) -> Value {
+    eventually(
+        Duration::from_secs(30),
+        "every projector to report its log ends and no lag",
+        || async {
+            let status = served.api("/v1/projectors").await;
+            status["projectors"]
+                .as_array()?
+                .iter()
+                .all(|p| p["log_ends_observed_at"].is_string() && p["lag_records"] == 0)
+                .then_some(status)
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_shows_a_world_and_updates_its_clock_live() {
+async fn the_page_shows_a_world_its_stats_and_projector_lag_and_updates_live() {
     if !chromium_present() {
         return;
     }
+    use InferenceOutcome::Timeout;
+    use InferencePurpose::{Narration, NpcDialogue};
     use WeatherCondition::{Clear, Rain};
     let ember = WorldId::parse("emberfall").unwrap();
     let frost = WorldId::parse("frostholm").unwrap();
@@ -396,12 +493,46 @@ async fn the_page_shows_a_world_and_updates_its_clock_live() {
     initial.push(tick(&frost, 1));
     initial.push(weather(&ember, 3, "north", Clear));
     initial.push(weather(&ember, 9, "coast", Rain));
+    for spec in [
+        c(2, "ayla", "lost-caravan", "start", "help", "camp"),
+        c(3, "bren", "lost-caravan", "start", "ignore", ""),
+        c(5, "ayla", "lost-caravan", "camp", "rest", "ambush"),
+    ] {
+        initial.push(fixture::choice(&ember, &spec));
+    }
+    for (n, spec) in [
+        i(
+            0,
+            "npc-chat",
+            NpcDialogue,
+            "innkeeper",
+            40,
+            InferenceOutcome::Ok,
+        ),
+        i(5, "npc-chat", NpcDialogue, "smith", 900, Timeout),
+        i(10, "narrator", Narration, "", 1200, InferenceOutcome::Ok),
+    ]
+    .iter()
+    .enumerate()
+    {
+        initial.push(fixture::inference(&ember, n as u64 + 1, spec));
+    }
     let served = Served::start(&initial).await;
+    served.poison().await;
 
     let browser = Browser::launch().await;
     let mut page = browser.page().await;
     page.call("Runtime.enable", json!({})).await;
+
+    // Without a token every `/v1` request is refused, and the page says so.
     let url = format!("{}/?world=emberfall", served.base);
+    page.call("Page.navigate", json!({"url": url})).await;
+    let refused = "document.getElementById('error').textContent.startsWith('401')";
+    let text = page.wait_for("a 401", refused, &json!(true)).await;
+    assert!(!text.contains("Emberfall (emberfall)"), "{text}");
+
+    // With `?token=`, sent as a bearer token on every request.
+    let url = format!("{}/?world=emberfall&token={TOKEN}", served.base);
     page.call("Page.navigate", json!({"url": url})).await;
 
     // Given the page open on a world: its name, the other world, the clock
@@ -419,14 +550,130 @@ async fn the_page_shows_a_world_and_updates_its_clock_live() {
     assert!(text.contains("north") && text.contains("clear"), "{text}");
     assert!(text.contains("coast") && text.contains("rain"), "{text}");
     assert!(text.contains("summer"), "{text}");
+    assert_eq!(
+        page.eval("document.getElementById('error').hidden").await,
+        json!(true),
+        "no error with the token"
+    );
+    assert_eq!(
+        page.eval("location.search.includes('token')").await,
+        json!(false),
+        "the token is taken out of the address bar"
+    );
     let live = "document.getElementById('live').textContent";
     page.wait_for("the stream to be open", live, &json!("live"))
         .await;
 
-    // When a new tick is projected, the open page shows it without a reload.
-    served.append(&[tick(&ember, 13)]).await;
+    // Story: the world's choice count and its latest choices, newest first.
+    let story_count = "document.getElementById('story-count').textContent";
+    page.wait_for("the choice count", story_count, &json!("3"))
+        .await;
+    let choices = "JSON.stringify([...document.querySelectorAll('#choices tr')]\
+        .map((r) => [...r.cells].map((c) => c.textContent)))";
+    let expected_choices = json!(
+        json!([
+            ["5", "ayla", "lost-caravan", "camp → rest"],
+            ["3", "bren", "lost-caravan", "start → ignore"],
+            ["2", "ayla", "lost-caravan", "start → help"],
+        ])
+        .to_string()
+    );
+    page.wait_for("the choices", choices, &expected_choices)
+        .await;
+
+    // Inference: per model and purpose, the counts and latency percentiles
+    // the stats endpoint computes.
+    let stats = served
+        .api("/v1/worlds/emberfall/inference/stats?limit=500")
+        .await;
+    let expected_stats: Vec<Value> = stats["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            json!([
+                s["model_id"],
+                s["purpose"],
+                s["inferences"].to_string(),
+                s["failures"].to_string(),
+                s["latency"]["p50_ms"].to_string(),
+                s["latency"]["p95_ms"].to_string(),
+                s["latency"]["p99_ms"].to_string(),
+            ])
+        })
+        .collect();
+    assert_eq!(
+        expected_stats,
+        [
+            json!(["narrator", "narration", "1", "0", "1500", "1500", "1500"]),
+            json!(["npc-chat", "npc_dialogue", "2", "1", "50", "1000", "1000"]),
+        ],
+        "{stats}"
+    );
+    let inference_rows = "JSON.stringify([...document.querySelectorAll('#inference tr[data-model]')]\
+        .map((r) => [...r.cells].slice(0, 7).map((c) => c.textContent)))";
+    page.wait_for(
+        "the inference stats",
+        inference_rows,
+        &json!(Value::Array(expected_stats).to_string()),
+    )
+    .await;
+
+    // Projector lag: every projector's position, lag and dead letters, as
+    // `/v1/projectors` reads them from PostgreSQL (this API runs no projector).
+    let status = settled_projectors(&served).await;
+    let mut names: Vec<&str> = worldline_projectors::registry::all()
+        .iter()
+        .map(|p| p.name())
+        .collect();
+    names.sort_unstable();
+    let listed: Vec<&str> = status["projectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["projector"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, names);
+    let expected_lag = lag_rows(&status);
+    page.wait_for("the projector lag", LAG_ROWS, &expected_lag)
+        .await;
+    let rows: Vec<Vec<String>> = serde_json::from_str(expected_lag.as_str().unwrap()).unwrap();
+    let row = |name: &str| rows.iter().find(|r| r[0] == name).unwrap().clone();
+    // 2 worlds created, 13 ticks, 2 weather changes, 3 choices, 3 inferences
+    // and the poison record: 24 records applied by the worlds projector.
+    assert_eq!(row("worlds"), ["worlds", "24", "0", "1"]);
+    assert_eq!(row("clock"), ["clock", "13", "0", "0"]);
+    assert_eq!(row("weather"), ["weather", "3", "0", "1"]);
+
+    // When new events are projected, the open page shows them without a reload.
+    served
+        .append(&[
+            tick(&ember, 13),
+            fixture::choice(&ember, &c(13, "cato", "smugglers", "dock", "bribe", "hold")),
+        ])
+        .await;
     let text = page.wait_for("the live tick", clock, &json!("13")).await;
     assert!(text.contains("13"), "{text}");
+    page.wait_for("the live choice count", story_count, &json!("4"))
+        .await;
+    let newest = "document.querySelector('#choices tr').textContent";
+    page.wait_for(
+        "the live choice",
+        newest,
+        &json!("13catosmugglersdock → bribe"),
+    )
+    .await;
+    let status = settled_projectors(&served).await;
+    let expected_lag = lag_rows(&status);
+    page.wait_for("the projector lag to move", LAG_ROWS, &expected_lag)
+        .await;
+    assert!(
+        expected_lag
+            .as_str()
+            .unwrap()
+            .contains(r#"["clock","14","0","0"]"#),
+        "{expected_lag}"
+    );
     let navigations = "performance.getEntriesByType('navigation').length";
     assert_eq!(page.eval(navigations).await, json!(1), "no reload happened");
 
@@ -444,7 +691,7 @@ async fn screenshot(base: &str) {
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg("--virtual-time-budget=5000")
         .arg("--screenshot=/tmp/worldline-page.png")
-        .arg(format!("{base}/?world=emberfall"))
+        .arg(format!("{base}/?world=emberfall&token={TOKEN}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

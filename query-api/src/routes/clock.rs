@@ -57,14 +57,17 @@ async fn clock(
     ApiPath(path): ApiPath<WorldPath>,
 ) -> Result<Json<ClockView>, ApiError> {
     let world = path.world()?;
-    let row: Option<ClockView> = sqlx::query_as(
-        "SELECT world_id, tick, game_time_s, day, season, time_scale, occurred_at
-           FROM clock.world_clock WHERE world_id = $1",
-    )
-    .bind(world.as_str())
-    .fetch_optional(&state.pool)
-    .await?;
-    let clock = found(&state.pool, &world, row, || {
+    let row: Option<ClockView> = state
+        .readers
+        .fetch_optional(
+            sqlx::query_as(
+                "SELECT world_id, tick, game_time_s, day, season, time_scale, occurred_at
+                   FROM clock.world_clock WHERE world_id = $1",
+            )
+            .bind(world.as_str()),
+        )
+        .await?;
+    let clock = found(&state.readers, &world, row, || {
         format!("world {world} has no clock yet")
     })
     .await?;

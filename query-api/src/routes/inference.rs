@@ -4,6 +4,7 @@ use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sqlx::QueryBuilder;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -250,34 +251,41 @@ async fn inferences(
         page.limit.as_deref(),
         page.cursor.as_deref(),
     )?;
-    let (after_time, after_id) = request.after.unzip();
-    let rows: Vec<Inference> = sqlx::query_as(
+    // Only the filters the request sets: see `crate::connect_reader`.
+    let mut sql = QueryBuilder::new(
         "SELECT event_id, tick, occurred_at, model_id, model_version, purpose, prompt_tokens,
                 completion_tokens, latency_ms, cost_micro_usd, outcome, npc_id, input_hash
            FROM inference.inferences
-          WHERE world_id = $1
-            AND ($2::text IS NULL OR model_id = $2)
-            AND ($3::text IS NULL OR purpose = $3)
-            AND ($4::text IS NULL OR npc_id = $4)
-            AND ($5::timestamptz IS NULL OR occurred_at >= $5)
-            AND ($6::timestamptz IS NULL OR occurred_at < $6)
-            AND ($7::timestamptz IS NULL OR (occurred_at, event_id) > ($7, $8::uuid))
-          ORDER BY occurred_at, event_id
-          LIMIT $9",
-    )
-    .bind(world.as_str())
-    .bind(model)
-    .bind(purpose)
-    .bind(npc)
-    .bind(window.from)
-    .bind(window.to)
-    .bind(after_time)
-    .bind(after_id)
-    .bind(request.fetch())
-    .fetch_all(&state.pool)
-    .await?;
+          WHERE world_id = ",
+    );
+    sql.push_bind(world.as_str());
+    if let Some(model) = model {
+        sql.push(" AND model_id = ").push_bind(model);
+    }
+    if let Some(purpose) = purpose {
+        sql.push(" AND purpose = ").push_bind(purpose);
+    }
+    if let Some(npc) = npc {
+        sql.push(" AND npc_id = ").push_bind(npc);
+    }
+    if let Some(from) = window.from {
+        sql.push(" AND occurred_at >= ").push_bind(from);
+    }
+    if let Some(to) = window.to {
+        sql.push(" AND occurred_at < ").push_bind(to);
+    }
+    if let Some((after_time, after_id)) = request.after {
+        sql.push(" AND (occurred_at, event_id) > (")
+            .push_bind(after_time)
+            .push(", ")
+            .push_bind(after_id)
+            .push(")");
+    }
+    sql.push(" ORDER BY occurred_at, event_id LIMIT ")
+        .push_bind(request.fetch());
+    let rows: Vec<Inference> = state.readers.fetch_all(sql.build_query_as()).await?;
     let page = pagination::page(LOG, rows, request.limit, |i| (i.occurred_at, i.event_id));
-    Ok(Json(listed(&state.pool, &world, page).await?))
+    Ok(Json(listed(&state.readers, &world, page).await?))
 }
 
 /// Statistics per model and purpose over a window.
@@ -309,18 +317,36 @@ async fn stats(
         page.limit.as_deref(),
         page.cursor.as_deref(),
     )?;
-    let (after_model, after_purpose) = request.after.clone().unzip();
-    let rows: Vec<StatsRow> = sqlx::query_as(
+    // Only the filters the request sets: see `crate::connect_reader`.
+    let mut sql = QueryBuilder::new(
         "WITH buckets AS (
              SELECT model_id, purpose, inferences, failures, prompt_tokens, completion_tokens,
                     cost_micro_usd, latency_sum_ms, latency_max_ms, latency_histogram
                FROM inference.model_stats
-              WHERE world_id = $1
-                AND ($2::timestamptz IS NULL OR bucket_start >= $2)
-                AND ($3::timestamptz IS NULL OR bucket_start < $3)
-                AND ($4::text IS NULL OR model_id = $4)
-                AND ($5::text IS NULL OR purpose = $5)
-                AND ($6::text IS NULL OR (model_id, purpose) > ($6, $7::text))
+              WHERE world_id = ",
+    );
+    sql.push_bind(world.as_str());
+    if let Some(from) = window.from {
+        sql.push(" AND bucket_start >= ").push_bind(from);
+    }
+    if let Some(to) = window.to {
+        sql.push(" AND bucket_start < ").push_bind(to);
+    }
+    if let Some(model) = model {
+        sql.push(" AND model_id = ").push_bind(model);
+    }
+    if let Some(purpose) = purpose {
+        sql.push(" AND purpose = ").push_bind(purpose);
+    }
+    if let Some((after_model, after_purpose)) = request.after.clone() {
+        sql.push(" AND (model_id, purpose) > (")
+            .push_bind(after_model)
+            .push(", ")
+            .push_bind(after_purpose)
+            .push(")");
+    }
+    sql.push(
+        "
          ), page AS (
              SELECT model_id, purpose,
                     sum(inferences)::bigint AS inferences,
@@ -333,7 +359,11 @@ async fn stats(
                FROM buckets
               GROUP BY model_id, purpose
               ORDER BY model_id, purpose
-              LIMIT $8
+              LIMIT ",
+    )
+    .push_bind(request.fetch())
+    .push(
+        "
          ), histograms AS (
              SELECT model_id, purpose, array_agg(total ORDER BY i) AS histogram
                FROM (SELECT b.model_id, b.purpose, h.i, sum(h.n)::bigint AS total
@@ -350,22 +380,13 @@ async fn stats(
            FROM page p
            LEFT JOIN histograms h USING (model_id, purpose)
           ORDER BY p.model_id, p.purpose",
-    )
-    .bind(world.as_str())
-    .bind(window.from)
-    .bind(window.to)
-    .bind(model)
-    .bind(purpose)
-    .bind(after_model)
-    .bind(after_purpose)
-    .bind(request.fetch())
-    .fetch_all(&state.pool)
-    .await?;
+    );
+    let rows: Vec<StatsRow> = state.readers.fetch_all(sql.build_query_as()).await?;
     let items: Vec<ModelStats> = rows.into_iter().map(ModelStats::from).collect();
     let page = pagination::page(STATS, items, request.limit, |s| {
         (s.model_id.clone(), s.purpose.clone())
     });
-    Ok(Json(listed(&state.pool, &world, page).await?))
+    Ok(Json(listed(&state.readers, &world, page).await?))
 }
 
 #[cfg(test)]

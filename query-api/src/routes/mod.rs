@@ -1,7 +1,7 @@
 //! One module per read model, each with its own `router()`.
 //!
-//! A [`Resource`] pairs a router with the projector whose read model it serves,
-//! so layers that depend on that projector (read-your-writes waits, lag headers)
+//! A [`Resource`] pairs a router with the projectors whose read models it
+//! serves, so layers that depend on them (read-your-writes waits, lag headers)
 //! can wrap exactly its routes; see [`crate::app_with`].
 //!
 //! Conventions shared by every route:
@@ -11,25 +11,26 @@
 
 pub mod clock;
 pub mod inference;
+pub mod projectors;
 pub mod state;
 pub mod story;
 pub mod weather;
 pub mod worlds;
 
 use serde::Deserialize;
-use sqlx::PgPool;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use worldline_schemas::WorldId;
 
-use crate::AppState;
 use crate::error::ApiError;
 use crate::pagination::Page;
+use crate::{AppState, Readers};
 
-/// The routes serving one projector's read model.
+/// The routes serving one or more projectors' read models.
 pub struct Resource {
-    /// The projector (and Postgres schema) behind these routes.
-    pub projector: &'static str,
+    /// The projectors (and Postgres schemas) whose read models these routes
+    /// read: a read-your-writes wait waits for every one of them.
+    pub projectors: &'static [&'static str],
     /// The routes, documented.
     pub router: OpenApiRouter<AppState>,
 }
@@ -37,7 +38,7 @@ pub struct Resource {
 impl std::fmt::Debug for Resource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Resource")
-            .field("projector", &self.projector)
+            .field("projectors", &self.projectors)
             .finish_non_exhaustive()
     }
 }
@@ -46,28 +47,32 @@ impl std::fmt::Debug for Resource {
 pub fn resources() -> Vec<Resource> {
     vec![
         Resource {
-            projector: worlds::PROJECTOR,
+            projectors: &[worlds::PROJECTOR],
             router: worlds::router(),
         },
         Resource {
-            projector: clock::PROJECTOR,
+            projectors: &[clock::PROJECTOR],
             router: clock::router(),
         },
         Resource {
-            projector: weather::PROJECTOR,
+            projectors: &[weather::PROJECTOR],
             router: weather::router(),
         },
         Resource {
-            projector: story::PROJECTOR,
+            projectors: &[story::PROJECTOR],
             router: story::router(),
         },
         Resource {
-            projector: inference::PROJECTOR,
+            projectors: &[inference::PROJECTOR],
             router: inference::router(),
         },
         Resource {
-            projector: state::PROJECTOR,
+            projectors: state::PROJECTORS,
             router: state::router(),
+        },
+        Resource {
+            projectors: &[projectors::PROJECTOR],
+            router: projectors::router(),
         },
     ]
 }
@@ -115,22 +120,22 @@ pub struct PageQuery {
 #[into_params(parameter_in = Query)]
 pub struct TickRangeQuery {
     /// First tick of the range (inclusive, default 0).
-    #[param(value_type = Option<i64>, minimum = 0)]
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 9223372036854775807i64)]
     pub from_tick: Option<String>,
     /// Last tick of the range (inclusive, default: no bound). A range ending
     /// before it starts is empty.
-    #[param(value_type = Option<i64>, minimum = 0)]
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 9223372036854775807i64)]
     pub to_tick: Option<String>,
 }
 
 /// Whether the worlds read model knows `world`.
-pub async fn world_exists(pool: &PgPool, world: &WorldId) -> Result<bool, ApiError> {
-    Ok(
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM worlds.worlds WHERE world_id = $1)")
-            .bind(world.as_str())
-            .fetch_one(pool)
-            .await?,
-    )
+pub async fn world_exists(readers: &Readers, world: &WorldId) -> Result<bool, ApiError> {
+    Ok(readers
+        .fetch_scalar(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM worlds.worlds WHERE world_id = $1)")
+                .bind(world.as_str()),
+        )
+        .await?)
 }
 
 /// A found single resource, or the right 404: unknown world, or `missing`.
@@ -138,21 +143,25 @@ pub async fn world_exists(pool: &PgPool, world: &WorldId) -> Result<bool, ApiErr
 /// The resource is read first so the common case costs one query; the world is
 /// only looked up to explain a miss.
 pub async fn found<T>(
-    pool: &PgPool,
+    readers: &Readers,
     world: &WorldId,
     row: Option<T>,
     missing: impl FnOnce() -> String,
 ) -> Result<T, ApiError> {
     match row {
         Some(row) => Ok(row),
-        None if world_exists(pool, world).await? => Err(ApiError::NotFound(missing())),
+        None if world_exists(readers, world).await? => Err(ApiError::NotFound(missing())),
         None => Err(ApiError::unknown_world(world.as_str())),
     }
 }
 
 /// A page as is, unless it is empty because the world does not exist.
-pub async fn listed<T>(pool: &PgPool, world: &WorldId, page: Page<T>) -> Result<Page<T>, ApiError> {
-    if page.items.is_empty() && !world_exists(pool, world).await? {
+pub async fn listed<T>(
+    readers: &Readers,
+    world: &WorldId,
+    page: Page<T>,
+) -> Result<Page<T>, ApiError> {
+    if page.items.is_empty() && !world_exists(readers, world).await? {
         return Err(ApiError::unknown_world(world.as_str()));
     }
     Ok(page)

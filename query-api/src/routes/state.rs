@@ -40,10 +40,16 @@ use crate::extract::{ApiPath, ApiQuery};
 use crate::params;
 use crate::routes::WorldPath;
 
-/// The projector behind these routes: the worlds read model decides whether the
-/// world exists and how far it has got, and it reads every family, so a
-/// read-your-writes wait on it covers events of any family.
-pub const PROJECTOR: &str = "worlds";
+/// The projectors whose read models this route reads. A read-your-writes wait
+/// waits for each of them: the worlds projector passing a story write says
+/// nothing about whether the story read model has it yet.
+pub const PROJECTORS: &[&str] = &[
+    super::worlds::PROJECTOR,
+    super::clock::PROJECTOR,
+    super::weather::PROJECTOR,
+    super::story::PROJECTOR,
+    super::inference::PROJECTOR,
+];
 
 /// Routes of this resource.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -149,7 +155,7 @@ pub struct WorldState {
 pub struct StateQuery {
     /// Answer as of this tick: every event whose world tick is at most this.
     /// A tick beyond the world's latest answers the current state.
-    #[param(value_type = i64, required = true, minimum = 0)]
+    #[param(value_type = i64, required = true, minimum = 0, maximum = 9223372036854775807i64)]
     pub at_tick: Option<String>,
 }
 
@@ -177,7 +183,8 @@ struct WorldRow {
 /// `at_tick` is required. A tick beyond the world's latest tick answers the
 /// current state (no event lies past the latest tick, so that is the state as
 /// of any later tick). All parts are read in one snapshot. A read-your-writes
-/// token waits for the worlds read model only.
+/// token waits until every read model read here (worlds, clock, weather, story,
+/// inference) has applied the writes it names.
 #[utoipa::path(
     get,
     path = "/v1/worlds/{world}/state",

@@ -6,6 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sqlx::QueryBuilder;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -145,20 +146,23 @@ async fn player_stories(
     let player = params::id("player", &path.player)?;
     let request =
         pagination::request::<String>(PROGRESS, page.limit.as_deref(), page.cursor.as_deref())?;
-    let rows: Vec<StoryProgress> = sqlx::query_as(
+    // Only the conditions that apply: see `crate::connect_reader`.
+    let mut sql = QueryBuilder::new(
         "SELECT story_id, current_node_id, last_choice_id, choices_made, tick, updated_at
            FROM story.player_progress
-          WHERE world_id = $1 AND player_id = $2 AND ($3::text IS NULL OR story_id > $3)
-          ORDER BY story_id LIMIT $4",
-    )
-    .bind(world.as_str())
-    .bind(&player)
-    .bind(request.after.as_deref())
-    .bind(request.fetch())
-    .fetch_all(&state.pool)
-    .await?;
+          WHERE world_id = ",
+    );
+    sql.push_bind(world.as_str())
+        .push(" AND player_id = ")
+        .push_bind(&player);
+    if let Some(after) = request.after.as_deref() {
+        sql.push(" AND story_id > ").push_bind(after);
+    }
+    sql.push(" ORDER BY story_id LIMIT ")
+        .push_bind(request.fetch());
+    let rows: Vec<StoryProgress> = state.readers.fetch_all(sql.build_query_as()).await?;
     let page = pagination::page(PROGRESS, rows, request.limit, |p| p.story_id.clone());
-    Ok(Json(listed(&state.pool, &world, page).await?))
+    Ok(Json(listed(&state.readers, &world, page).await?))
 }
 
 /// The choices log.
@@ -187,31 +191,36 @@ async fn choices(
     let to_tick = params::tick_or("to_tick", range.to_tick.as_deref(), i64::MAX)?;
     let request =
         pagination::request::<(i64, Uuid)>(CHOICES, page.limit.as_deref(), page.cursor.as_deref())?;
-    let (after_tick, after_id) = request.after.unzip();
-    let rows: Vec<Choice> = sqlx::query_as(
+    // Only the filters the request sets: see `crate::connect_reader`.
+    let mut sql = QueryBuilder::new(
         "SELECT event_id, tick, occurred_at, player_id, story_id, node_id, choice_id,
                 next_node_id, context
            FROM story.choices
-          WHERE world_id = $1
-            AND ($2::text IS NULL OR player_id = $2)
-            AND ($3::text IS NULL OR story_id = $3)
-            AND tick >= $4 AND tick <= $5
-            AND ($6::bigint IS NULL OR (tick, event_id) > ($6, $7::uuid))
-          ORDER BY tick, event_id
-          LIMIT $8",
-    )
-    .bind(world.as_str())
-    .bind(player)
-    .bind(story)
-    .bind(from_tick)
-    .bind(to_tick)
-    .bind(after_tick)
-    .bind(after_id)
-    .bind(request.fetch())
-    .fetch_all(&state.pool)
-    .await?;
+          WHERE world_id = ",
+    );
+    sql.push_bind(world.as_str());
+    if let Some(player) = player {
+        sql.push(" AND player_id = ").push_bind(player);
+    }
+    if let Some(story) = story {
+        sql.push(" AND story_id = ").push_bind(story);
+    }
+    sql.push(" AND tick >= ")
+        .push_bind(from_tick)
+        .push(" AND tick <= ")
+        .push_bind(to_tick);
+    if let Some((after_tick, after_id)) = request.after {
+        sql.push(" AND (tick, event_id) > (")
+            .push_bind(after_tick)
+            .push(", ")
+            .push_bind(after_id)
+            .push(")");
+    }
+    sql.push(" ORDER BY tick, event_id LIMIT ")
+        .push_bind(request.fetch());
+    let rows: Vec<Choice> = state.readers.fetch_all(sql.build_query_as()).await?;
     let page = pagination::page(CHOICES, rows, request.limit, |c| (c.tick, c.event_id));
-    Ok(Json(listed(&state.pool, &world, page).await?))
+    Ok(Json(listed(&state.readers, &world, page).await?))
 }
 
 /// How often each choice was taken at each node of a story.
@@ -237,24 +246,27 @@ async fn tallies(
         page.limit.as_deref(),
         page.cursor.as_deref(),
     )?;
-    let (after_node, after_choice) = request.after.clone().unzip();
-    let rows: Vec<Tally> = sqlx::query_as(
+    // Only the conditions that apply: see `crate::connect_reader`.
+    let mut sql = QueryBuilder::new(
         "SELECT node_id, choice_id, times
            FROM story.node_tallies
-          WHERE world_id = $1 AND story_id = $2
-            AND ($3::text IS NULL OR (node_id, choice_id) > ($3, $4::text))
-          ORDER BY node_id, choice_id
-          LIMIT $5",
-    )
-    .bind(world.as_str())
-    .bind(&story)
-    .bind(after_node)
-    .bind(after_choice)
-    .bind(request.fetch())
-    .fetch_all(&state.pool)
-    .await?;
+          WHERE world_id = ",
+    );
+    sql.push_bind(world.as_str())
+        .push(" AND story_id = ")
+        .push_bind(&story);
+    if let Some((after_node, after_choice)) = request.after.clone() {
+        sql.push(" AND (node_id, choice_id) > (")
+            .push_bind(after_node)
+            .push(", ")
+            .push_bind(after_choice)
+            .push(")");
+    }
+    sql.push(" ORDER BY node_id, choice_id LIMIT ")
+        .push_bind(request.fetch());
+    let rows: Vec<Tally> = state.readers.fetch_all(sql.build_query_as()).await?;
     let page = pagination::page(TALLIES, rows, request.limit, |t| {
         (t.node_id.clone(), t.choice_id.clone())
     });
-    Ok(Json(listed(&state.pool, &world, page).await?))
+    Ok(Json(listed(&state.readers, &world, page).await?))
 }

@@ -9,6 +9,7 @@ use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sqlx::QueryBuilder;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -108,7 +109,7 @@ pub struct RegionPath {
 pub struct AtTickQuery {
     /// Answer as of this tick (each region's weather in force at it) instead of now.
     /// Regions without weather at that tick are left out.
-    #[param(value_type = Option<i64>, minimum = 0)]
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 9223372036854775807i64)]
     pub at_tick: Option<String>,
 }
 
@@ -143,7 +144,7 @@ async fn weather(
         Some(tick) => as_of_rows(&state, &world, &request, tick).await?,
     };
     let page = pagination::page(REGIONS, rows, request.limit, |r| r.region.clone());
-    Ok(Json(listed(&state.pool, &world, page).await?))
+    Ok(Json(listed(&state.readers, &world, page).await?))
 }
 
 async fn current_rows(
@@ -151,18 +152,20 @@ async fn current_rows(
     world: &WorldId,
     request: &PageRequest<String>,
 ) -> Result<Vec<RegionWeather>, ApiError> {
-    Ok(sqlx::query_as(
+    // Only the conditions that apply: see `crate::connect_reader`.
+    let mut sql = QueryBuilder::new(
         "SELECT region, condition, temperature_dc, wind_dmps, precipitation_dmmph,
                 since_tick, NULL::bigint AS until_tick, event_id, occurred_at
            FROM weather.current_weather
-          WHERE world_id = $1 AND ($2::text IS NULL OR region > $2)
-          ORDER BY region LIMIT $3",
-    )
-    .bind(world.as_str())
-    .bind(request.after.as_deref())
-    .bind(request.fetch())
-    .fetch_all(&state.pool)
-    .await?)
+          WHERE world_id = ",
+    );
+    sql.push_bind(world.as_str());
+    if let Some(after) = request.after.as_deref() {
+        sql.push(" AND region > ").push_bind(after);
+    }
+    sql.push(" ORDER BY region LIMIT ")
+        .push_bind(request.fetch());
+    Ok(state.readers.fetch_all(sql.build_query_as()).await?)
 }
 
 /// The region list comes from `current_weather` (every region that ever had
@@ -173,7 +176,8 @@ async fn as_of_rows(
     request: &PageRequest<String>,
     tick: i64,
 ) -> Result<Vec<RegionWeather>, ApiError> {
-    Ok(sqlx::query_as(
+    // Only the conditions that apply: see `crate::connect_reader`.
+    let mut sql = QueryBuilder::new(
         "SELECT c.region, h.condition, h.temperature_dc, h.wind_dmps, h.precipitation_dmmph,
                 h.valid_from_tick AS since_tick, h.valid_to_tick AS until_tick,
                 h.event_id, h.occurred_at
@@ -181,18 +185,22 @@ async fn as_of_rows(
           CROSS JOIN LATERAL (
                 SELECT * FROM weather.weather_history h
                  WHERE h.world_id = c.world_id AND h.region = c.region
-                   AND h.valid_from_tick <= $4
+                   AND h.valid_from_tick <= ",
+    );
+    sql.push_bind(tick)
+        .push(
+            "
                  ORDER BY h.valid_from_tick DESC, h.log_offset DESC
                  LIMIT 1) h
-          WHERE c.world_id = $1 AND ($2::text IS NULL OR c.region > $2)
-          ORDER BY c.region LIMIT $3",
-    )
-    .bind(world.as_str())
-    .bind(request.after.as_deref())
-    .bind(request.fetch())
-    .bind(tick)
-    .fetch_all(&state.pool)
-    .await?)
+          WHERE c.world_id = ",
+        )
+        .push_bind(world.as_str());
+    if let Some(after) = request.after.as_deref() {
+        sql.push(" AND c.region > ").push_bind(after);
+    }
+    sql.push(" ORDER BY c.region LIMIT ")
+        .push_bind(request.fetch());
+    Ok(state.readers.fetch_all(sql.build_query_as()).await?)
 }
 
 /// The current weather of one region.
@@ -210,16 +218,19 @@ async fn region_weather(
 ) -> Result<Json<RegionWeather>, ApiError> {
     let world = params::world(&path.world)?;
     let region = params::id("region", &path.region)?;
-    let row: Option<RegionWeather> = sqlx::query_as(
-        "SELECT region, condition, temperature_dc, wind_dmps, precipitation_dmmph,
-                since_tick, NULL::bigint AS until_tick, event_id, occurred_at
-           FROM weather.current_weather WHERE world_id = $1 AND region = $2",
-    )
-    .bind(world.as_str())
-    .bind(&region)
-    .fetch_optional(&state.pool)
-    .await?;
-    let weather = found(&state.pool, &world, row, || {
+    let row: Option<RegionWeather> = state
+        .readers
+        .fetch_optional(
+            sqlx::query_as(
+                "SELECT region, condition, temperature_dc, wind_dmps, precipitation_dmmph,
+                        since_tick, NULL::bigint AS until_tick, event_id, occurred_at
+                   FROM weather.current_weather WHERE world_id = $1 AND region = $2",
+            )
+            .bind(world.as_str())
+            .bind(&region),
+        )
+        .await?;
+    let weather = found(&state.readers, &world, row, || {
         format!("world {world} has no weather for region {region:?}")
     })
     .await?;
@@ -254,33 +265,35 @@ async fn region_history(
         page.limit.as_deref(),
         page.cursor.as_deref(),
     )?;
-    let (after_tick, after_offset, after_id) = match request.after {
-        Some((tick, offset, id)) => (Some(tick), Some(offset), Some(id)),
-        None => (None, None, None),
-    };
-    let rows: Vec<WeatherPeriod> = sqlx::query_as(
+    // Only the conditions that apply: see `crate::connect_reader`.
+    let mut sql = QueryBuilder::new(
         "SELECT valid_from_tick, valid_to_tick, condition, previous_condition, temperature_dc,
                 wind_dmps, precipitation_dmmph, event_id, occurred_at, log_offset
            FROM weather.weather_history
-          WHERE world_id = $1 AND region = $2
-            AND valid_from_tick <= $4
-            AND (valid_to_tick IS NULL OR valid_to_tick > $3)
-            AND ($5::bigint IS NULL OR (valid_from_tick, log_offset, event_id) > ($5, $6::bigint, $7::uuid))
-          ORDER BY valid_from_tick, log_offset, event_id
-          LIMIT $8",
-    )
-    .bind(world.as_str())
-    .bind(&region)
-    .bind(from_tick)
-    .bind(to_tick)
-    .bind(after_tick)
-    .bind(after_offset)
-    .bind(after_id)
-    .bind(request.fetch())
-    .fetch_all(&state.pool)
-    .await?;
+          WHERE world_id = ",
+    );
+    sql.push_bind(world.as_str())
+        .push(" AND region = ")
+        .push_bind(&region)
+        .push(" AND valid_from_tick <= ")
+        .push_bind(to_tick)
+        .push(" AND (valid_to_tick IS NULL OR valid_to_tick > ")
+        .push_bind(from_tick)
+        .push(")");
+    if let Some((after_tick, after_offset, after_id)) = request.after {
+        sql.push(" AND (valid_from_tick, log_offset, event_id) > (")
+            .push_bind(after_tick)
+            .push(", ")
+            .push_bind(after_offset)
+            .push(", ")
+            .push_bind(after_id)
+            .push(")");
+    }
+    sql.push(" ORDER BY valid_from_tick, log_offset, event_id LIMIT ")
+        .push_bind(request.fetch());
+    let rows: Vec<WeatherPeriod> = state.readers.fetch_all(sql.build_query_as()).await?;
     let page = pagination::page(HISTORY, rows, request.limit, |p| {
         (p.valid_from_tick, p.log_offset, p.event_id)
     });
-    Ok(Json(listed(&state.pool, &world, page).await?))
+    Ok(Json(listed(&state.readers, &world, page).await?))
 }

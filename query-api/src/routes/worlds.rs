@@ -1,12 +1,14 @@
 //! `/v1/worlds` and `/v1/worlds/{world}`: the worlds read model.
 
-use axum::Json;
 use axum::extract::State;
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use sqlx::QueryBuilder;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
+use worldline_ops::auth::Principal;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -114,7 +116,8 @@ impl From<WorldRow> for WorldSummary {
 
 /// List worlds.
 ///
-/// Every world the read models have seen an event of, ordered by world id.
+/// Every world the read models have seen an event of, ordered by world id. A
+/// token limited to some worlds lists only those.
 #[utoipa::path(
     get,
     path = "/v1/worlds",
@@ -125,22 +128,36 @@ impl From<WorldRow> for WorldSummary {
 )]
 async fn list_worlds(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     ApiQuery(query): ApiQuery<PageQuery>,
 ) -> Result<Json<Page<WorldSummary>>, ApiError> {
     let request =
         pagination::request::<String>(LIST, query.limit.as_deref(), query.cursor.as_deref())?;
-    let rows: Vec<WorldRow> = sqlx::query_as(
+    // Without the auth guard in front (the bare `app()`) there is no principal:
+    // every world.
+    let visible: Option<Vec<&str>> = principal
+        .as_ref()
+        .and_then(|Extension(principal)| principal.worlds.as_ref())
+        .map(|worlds| worlds.iter().map(|w| w.as_str()).collect());
+    // Only the conditions that apply: see `crate::connect_reader`.
+    let mut sql = QueryBuilder::new(
         "SELECT world_id, display_name, seed, regions, status, created_at, latest_tick,
                 world_events, clock_events, weather_events, story_events, inference_events,
                 last_event_at
            FROM worlds.worlds
-          WHERE ($1::text IS NULL OR world_id > $1)
-          ORDER BY world_id LIMIT $2",
-    )
-    .bind(request.after.as_deref())
-    .bind(request.fetch())
-    .fetch_all(&state.pool)
-    .await?;
+          WHERE TRUE",
+    );
+    if let Some(after) = request.after.as_deref() {
+        sql.push(" AND world_id > ").push_bind(after);
+    }
+    if let Some(visible) = visible {
+        sql.push(" AND world_id = ANY(")
+            .push_bind(visible)
+            .push(")");
+    }
+    sql.push(" ORDER BY world_id LIMIT ")
+        .push_bind(request.fetch());
+    let rows: Vec<WorldRow> = state.readers.fetch_all(sql.build_query_as()).await?;
     let items = rows.into_iter().map(WorldSummary::from).collect();
     Ok(Json(pagination::page(LIST, items, request.limit, |w| {
         w.world_id.clone()
@@ -161,15 +178,18 @@ async fn world_summary(
     ApiPath(path): ApiPath<WorldPath>,
 ) -> Result<Json<WorldSummary>, ApiError> {
     let world = path.world()?;
-    let row: Option<WorldRow> = sqlx::query_as(
-        "SELECT world_id, display_name, seed, regions, status, created_at, latest_tick,
-                world_events, clock_events, weather_events, story_events, inference_events,
-                last_event_at
-           FROM worlds.worlds WHERE world_id = $1",
-    )
-    .bind(world.as_str())
-    .fetch_optional(&state.pool)
-    .await?;
-    let row = found(&state.pool, &world, row, String::new).await?;
+    let row: Option<WorldRow> = state
+        .readers
+        .fetch_optional(
+            sqlx::query_as(
+                "SELECT world_id, display_name, seed, regions, status, created_at, latest_tick,
+                        world_events, clock_events, weather_events, story_events,
+                        inference_events, last_event_at
+                   FROM worlds.worlds WHERE world_id = $1",
+            )
+            .bind(world.as_str()),
+        )
+        .await?;
+    let row = found(&state.readers, &world, row, String::new).await?;
     Ok(Json(row.into()))
 }
