@@ -192,32 +192,11 @@ pub fn purpose_name(purpose: InferencePurpose) -> &'static str {
 }
 
 pub fn created(world: &WorldId, name: &str, regions: &[&str]) -> Envelope {
-    new_envelope(
-        world,
-        0,
-        "admin",
-        Body::WorldCreated(WorldCreated {
-            display_name: name.to_owned(),
-            seed: 42,
-            time_scale: 60,
-            tick_interval_ms: 1000,
-            regions: regions.iter().map(|r| (*r).to_owned()).collect(),
-        }),
-    )
+    world_created(world, name, 42, regions)
 }
 
 pub fn tick(world: &WorldId, tick: u64) -> Envelope {
-    new_envelope(
-        world,
-        tick,
-        "clock",
-        Body::ClockTicked(ClockTicked {
-            game_time_s: tick * 60,
-            day: 0,
-            season: Season::Spring as i32,
-            time_scale: 60,
-        }),
-    )
+    clock_ticked(world, tick, 0, Season::Spring)
 }
 
 pub fn weather(
@@ -227,6 +206,51 @@ pub fn weather(
     condition: WeatherCondition,
     previous: WeatherCondition,
 ) -> Envelope {
+    let temperature_dc = 100 + i32::try_from(tick).unwrap();
+    weather_changed(world, tick, region, condition, previous, temperature_dc, 40)
+}
+
+/// `WorldCreated` by the admin: a minute of game time a second.
+pub fn world_created(world: &WorldId, name: &str, seed: u64, regions: &[&str]) -> Envelope {
+    new_envelope(
+        world,
+        0,
+        "admin",
+        Body::WorldCreated(WorldCreated {
+            display_name: name.to_owned(),
+            seed,
+            time_scale: 60,
+            tick_interval_ms: 1000,
+            regions: regions.iter().map(|r| (*r).to_owned()).collect(),
+        }),
+    )
+}
+
+/// `ClockTicked` from the clock: a game minute a tick.
+pub fn clock_ticked(world: &WorldId, tick: u64, day: u32, season: Season) -> Envelope {
+    new_envelope(
+        world,
+        tick,
+        "clock",
+        Body::ClockTicked(ClockTicked {
+            game_time_s: tick * 60,
+            day,
+            season: season as i32,
+            time_scale: 60,
+        }),
+    )
+}
+
+/// `WeatherChanged` from the weather producer, without precipitation.
+pub fn weather_changed(
+    world: &WorldId,
+    tick: u64,
+    region: &str,
+    condition: WeatherCondition,
+    previous: WeatherCondition,
+    temperature_dc: i32,
+    wind_dmps: u32,
+) -> Envelope {
     new_envelope(
         world,
         tick,
@@ -234,8 +258,8 @@ pub fn weather(
         Body::WeatherChanged(WeatherChanged {
             region: region.to_owned(),
             condition: condition as i32,
-            temperature_dc: 100 + i32::try_from(tick).unwrap(),
-            wind_dmps: 40,
+            temperature_dc,
+            wind_dmps,
             precipitation_dmmph: 0,
             previous_condition: previous as i32,
             ..WeatherChanged::default()

@@ -6,7 +6,10 @@
 //! the `.worldline/env` file the stack script writes, so `cargo test` works in a
 //! shell that never sourced it.
 
+pub mod api;
+pub mod bench;
 pub mod fixture;
+pub mod pipeline;
 pub mod proxy;
 pub mod workload;
 
@@ -20,12 +23,13 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 use worldline_ops::{Health, Settings};
-use worldline_projectors::Projector;
+use worldline_projectors::{Projector, ProjectorRuntime, RuntimeOptions};
 use worldline_schemas::Family;
 
 /// Values from the env file the stack script writes (`<state>/env`), for keys
@@ -129,6 +133,22 @@ impl TestEnv {
             .expect("raw producer")
     }
 
+    /// Writes `payload` as it is (a poison record, or bytes an older build
+    /// wrote) to the topic of `family`, keyed `key` like the appender keys a
+    /// world's events.
+    pub async fn send_raw(&self, family: Family, key: &str, payload: &[u8]) {
+        self.raw_producer()
+            .send(
+                FutureRecord::to(&self.topic(family))
+                    .key(key)
+                    .payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(error, _)| error)
+            .expect("raw record written");
+    }
+
     /// Reads every record of `topic` from the beginning to the current end.
     pub fn read_topic(&self, topic: &str) -> Vec<RawRecord> {
         let consumer: BaseConsumer = ClientConfig::new()
@@ -211,17 +231,44 @@ impl TestEnv {
 
     /// Runs `projector` in the background until the returned handle is stopped.
     pub fn start_projector(&self, projector: Arc<dyn Projector>) -> Running {
+        self.start_projector_with(projector, |_| {})
+    }
+
+    /// [`TestEnv::start_projector`], with `configure` applied to its runtime
+    /// options first.
+    pub fn start_projector_with(
+        &self,
+        projector: Arc<dyn Projector>,
+        configure: impl FnOnce(&mut RuntimeOptions),
+    ) -> Running {
+        let name = projector.name();
+        let mut options = worldline_projectors::runtime_options(&self.settings, projector.as_ref());
+        configure(&mut options);
+        let runtime = self.runtime(projector, options, Health::default());
         let shutdown = CancellationToken::new();
-        let options = worldline_projectors::runtime_options(&self.settings, projector.as_ref());
-        let runtime = worldline_projectors::ProjectorRuntime::new(
+        let task = tokio::spawn(runtime.run(shutdown.clone()));
+        Running {
+            name,
+            shutdown,
+            task,
+        }
+    }
+
+    /// A runtime of `projector` on this test's database and broker, not yet
+    /// running, reporting to `health`.
+    pub fn runtime(
+        &self,
+        projector: Arc<dyn Projector>,
+        options: RuntimeOptions,
+        health: Health,
+    ) -> ProjectorRuntime {
+        ProjectorRuntime::new(
             projector,
             self.pool.clone(),
             self.settings.kafka.clone(),
             options,
-            Health::default(),
-        );
-        let task = tokio::spawn(runtime.run(shutdown.clone()));
-        Running { shutdown, task }
+            health,
+        )
     }
 
     /// Environment variables that point a child `worldline` process at this
@@ -305,6 +352,34 @@ impl TestEnv {
         true
     }
 
+    /// Runs `sql` on this test's database as its owner.
+    pub async fn execute(&self, sql: &str) {
+        sqlx::query(AssertSqlSafe(sql.to_owned()))
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|error| panic!("{sql}: {error}"));
+    }
+
+    /// The one `bigint` that `sql` selects from this test's database.
+    pub async fn scalar(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|error| panic!("{sql}: {error}"))
+    }
+
+    /// `schema`'s stored next offset of every partition of `topic`, by partition.
+    pub async fn stored_offsets(&self, schema: &str, topic: &str) -> Vec<(i32, i64)> {
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT partition, next_offset FROM {schema}.projector_offsets
+              WHERE topic = $1 ORDER BY partition"
+        )))
+        .bind(topic)
+        .fetch_all(&self.pool)
+        .await
+        .expect("stored offsets")
+    }
+
     /// Rebuilds `projector` from offset zero into `<name>_rebuild` and returns the
     /// read-model tables whose checksums differ from the live schema's.
     pub async fn rebuild_differences(&self, projector: Arc<dyn Projector>) -> Vec<String> {
@@ -318,13 +393,7 @@ impl TestEnv {
             rebuilt.clone(),
         );
         let shutdown = CancellationToken::new();
-        let runtime = worldline_projectors::ProjectorRuntime::new(
-            projector.clone(),
-            self.pool.clone(),
-            self.settings.kafka.clone(),
-            options,
-            Health::default(),
-        );
+        let runtime = self.runtime(projector.clone(), options, Health::default());
         let task = tokio::spawn(runtime.run(shutdown.clone()));
         let deadline = Instant::now() + Duration::from_secs(120);
         while !self.caught_up(rebuilt.as_str(), projector.as_ref()).await {
@@ -388,11 +457,17 @@ impl TestEnv {
 /// A projector running in the background.
 #[derive(Debug)]
 pub struct Running {
+    name: &'static str,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), worldline_projectors::RuntimeError>>,
 }
 
 impl Running {
+    /// The name of the projector it runs.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     /// Waits for the projector to stop by itself and returns why.
     pub async fn halted(self, timeout: Duration) -> worldline_projectors::RuntimeError {
         let outcome = tokio::time::timeout(timeout, self.task)

@@ -3,31 +3,26 @@
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use worldline_ops::Health;
+use worldline_producers::AppenderOptions;
 use worldline_producers::clock::{ClockOptions, run_clock};
-use worldline_producers::{Appender, AppenderOptions};
 use worldline_query_api::{AppState, app};
 use worldline_schemas::WorldId;
-use worldline_tests::{TestEnv, eventually};
+use worldline_tests::api::Server;
+use worldline_tests::{TestEnv, eventually, pipeline};
 
 const TICKS: u64 = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_ticks_for_two_worlds_when_projected_then_the_api_serves_each_worlds_clock() {
     let env = TestEnv::new(4).await;
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            source: "clock".to_owned(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
+    let appender = env.appender_with(AppenderOptions {
+        source: "clock".to_owned(),
+        ..AppenderOptions::default()
+    });
     let worlds = vec![
         WorldId::parse("alpha").unwrap(),
         WorldId::parse("beta").unwrap(),
@@ -49,20 +44,13 @@ async fn given_ticks_for_two_worlds_when_projected_then_the_api_serves_each_worl
 
     // Every read model, as `worldline project` runs them: the API answers
     // "unknown world" from the worlds read model.
-    let projectors: Vec<_> = worldline_projectors::registry::all()
-        .into_iter()
-        .map(|p| env.start_projector(p))
-        .collect();
-    let shutdown = CancellationToken::new();
+    let projectors = env.start_all_projectors();
     let api = app(AppState::new(env.pool.clone()), Health::default());
-    let (addr, server) =
-        worldline_ops::health::serve(SocketAddr::from(([127, 0, 0, 1], 0)), api, shutdown.clone())
-            .await
-            .unwrap();
-    let client = reqwest::Client::new();
+    let server = Server::start(api, CancellationToken::new()).await;
+    let client = server.http.clone();
 
     for world in &worlds {
-        let url = format!("http://{addr}/v1/worlds/{world}/clock");
+        let url = server.url(&format!("/v1/worlds/{world}/clock"));
         let body: serde_json::Value = eventually(
             Duration::from_secs(30),
             "the clock read model to catch up",
@@ -88,11 +76,7 @@ async fn given_ticks_for_two_worlds_when_projected_then_the_api_serves_each_worl
         assert_eq!(body["time_scale"], 6_000);
     }
 
-    let unknown = client
-        .get(format!("http://{addr}/v1/worlds/nowhere/clock"))
-        .send()
-        .await
-        .unwrap();
+    let unknown = server.get("/v1/worlds/nowhere/clock", None).await;
     assert_eq!(unknown.status(), 404);
     assert_eq!(
         unknown.headers()["content-type"],
@@ -103,13 +87,7 @@ async fn given_ticks_for_two_worlds_when_projected_then_the_api_serves_each_worl
     // consumed, none counted twice.
     let topic = env.topic(worldline_schemas::Family::Clock);
     let records = env.read_topic(&topic);
-    let stored: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, next_offset FROM clock.projector_offsets WHERE topic = $1 ORDER BY partition",
-    )
-    .bind(&topic)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let stored: Vec<(i32, i64)> = env.stored_offsets("clock", &topic).await;
     let mut expected: std::collections::BTreeMap<i32, i64> = Default::default();
     for record in &records {
         let end = expected.entry(record.partition).or_default();
@@ -117,10 +95,7 @@ async fn given_ticks_for_two_worlds_when_projected_then_the_api_serves_each_worl
     }
     assert_eq!(stored, expected.into_iter().collect::<Vec<_>>());
 
-    for projector in projectors {
-        projector.stop().await;
-    }
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
+    pipeline::stop_all(projectors).await;
+    server.join().await;
     env.cleanup().await;
 }

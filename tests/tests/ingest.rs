@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use prost::Message;
@@ -18,7 +17,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use worldline_ops::Settings;
-use worldline_ops::config::StaticToken;
 use worldline_ops::consistency::ConsistencyToken;
 use worldline_producers::gateway::{self, GatewayState};
 use worldline_producers::partitioner::partition_for_key;
@@ -28,6 +26,7 @@ use worldline_schemas::pb::{
     Envelope, EnvelopeBatch, StoryChoiceMade, WeatherChanged, WeatherCondition, WorldPaused,
 };
 use worldline_schemas::{EnvelopeExt, Family, WorldId, decode_envelope};
+use worldline_tests::api::{Server, token};
 use worldline_tests::{RawRecord, TestEnv, eventually};
 
 const PARTITIONS: i32 = 3;
@@ -68,23 +67,12 @@ async fn test_env() -> TestEnv {
 
 /// A gateway served on a free local port until dropped.
 struct Gateway {
-    address: SocketAddr,
-    client: reqwest::Client,
-    shutdown: CancellationToken,
+    server: Server,
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-fn token(name: &str, secret: &str, scopes: &[&str], worlds: Option<&[&str]>) -> StaticToken {
-    StaticToken {
-        name: name.to_owned(),
-        token: secret.to_owned(),
-        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-        worlds: worlds.map(|ws| ws.iter().map(|w| (*w).to_owned()).collect()),
+        self.server.stop();
     }
 }
 
@@ -105,24 +93,14 @@ async fn start(settings: &Settings) -> Gateway {
     let router = gateway::router(state).merge(worldline_ops::health::router(
         worldline_ops::Health::default(),
     ));
-    let shutdown = CancellationToken::new();
-    let (address, _task) = worldline_ops::health::serve(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        router,
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
     Gateway {
-        address,
-        client: reqwest::Client::new(),
-        shutdown,
+        server: Server::start(router, CancellationToken::new()).await,
     }
 }
 
 impl Gateway {
     fn url(&self, world: &str) -> String {
-        format!("http://{}/v1/worlds/{world}/events", self.address)
+        self.server.url(&format!("/v1/worlds/{world}/events"))
     }
 
     async fn post(
@@ -133,7 +111,7 @@ impl Gateway {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> (StatusCode, HashMap<String, String>, Value) {
-        let mut request = self.client.post(self.url(world)).body(body);
+        let mut request = self.server.http.post(self.url(world)).body(body);
         if let Some(authorization) = authorization {
             request = request.header("authorization", authorization);
         }
@@ -716,7 +694,7 @@ async fn given_an_oversize_chunked_body_then_413_without_buffering_it() {
     let gateway = start(&settings).await;
 
     // No Content-Length: the limit has to be enforced while the body streams in.
-    let mut stream = tokio::net::TcpStream::connect(gateway.address)
+    let mut stream = tokio::net::TcpStream::connect(gateway.server.addr)
         .await
         .unwrap();
     let head = format!(
@@ -836,8 +814,9 @@ async fn given_tokens_then_auth_answers_401_403_404_or_appends() {
     );
 
     let metrics = gateway
-        .client
-        .get(format!("http://{}/metrics", gateway.address))
+        .server
+        .http
+        .get(gateway.server.url("/metrics"))
         .send()
         .await
         .unwrap()

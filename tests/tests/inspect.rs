@@ -7,7 +7,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use rdkafka::producer::FutureRecord;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use worldline_ops::inspect::{DumpRequest, StartFrom, dump};
@@ -125,15 +124,7 @@ async fn append_all(appender: &Appender, events: &[Envelope]) {
 }
 
 async fn send_poison(env: &TestEnv, family: Family, key: &str) {
-    env.raw_producer()
-        .send(
-            FutureRecord::to(&env.topic(family))
-                .key(key)
-                .payload(POISON),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    env.send_raw(family, key, POISON).await;
 }
 
 async fn dump_lines(env: &TestEnv, request: DumpRequest) -> Vec<Value> {

@@ -11,15 +11,11 @@
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-use worldline_ops::Health;
-use worldline_ops::config::StaticToken;
-use worldline_producers::{Appender, AppenderOptions};
-use worldline_tests::{TestEnv, eventually, fixture};
+use worldline_tests::api::{Server, read_token};
+use worldline_tests::pipeline::Pipeline;
+use worldline_tests::{TestEnv, fixture};
 
 const TOKEN: &str = "conformance-read-token";
 
@@ -68,63 +64,22 @@ async fn the_served_document_holds_for_every_generated_request() {
     };
 
     let mut env = TestEnv::new(2).await;
-    env.settings.auth.tokens.push(StaticToken {
-        name: "conformance".to_owned(),
-        token: TOKEN.to_owned(),
-        scopes: vec!["read".to_owned()],
-        worlds: None,
-    });
+    env.settings
+        .auth
+        .tokens
+        .push(read_token("conformance", TOKEN));
     // Thousands of requests in a few minutes from one principal: the limiter is
     // tested elsewhere (query_auth), here it would only turn answers into 429s.
     env.settings.auth.rate_limit_per_second = 100_000.0;
     env.settings.auth.rate_limit_burst = 100_000;
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
-    for result in appender.append_batch(&fixture::events()).await {
-        result.unwrap();
-    }
-    let all = worldline_projectors::registry::all();
-    let projectors: Vec<_> = all.iter().map(|p| env.start_projector(p.clone())).collect();
-    for projector in &all {
-        let env = &env;
-        eventually(
-            Duration::from_secs(60),
-            &format!("{} to catch up", projector.name()),
-            || async move {
-                env.caught_up(projector.name(), projector.as_ref())
-                    .await
-                    .then_some(())
-            },
-        )
-        .await;
-    }
+    let mut pipeline = Pipeline::over(env, &fixture::events()).await;
     // A quiet read side: generated requests see the fixture, nothing moving.
-    for projector in projectors {
-        projector.stop().await;
-    }
-
-    let shutdown = CancellationToken::new();
-    let app = worldline_query_api::build_with_shutdown(
-        &env.settings,
-        Health::default(),
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
-    let (addr, _task) =
-        worldline_ops::health::serve(SocketAddr::from(([127, 0, 0, 1], 0)), app, shutdown.clone())
-            .await
-            .unwrap();
+    pipeline.stop_projectors().await;
+    let server = Server::query_api(&pipeline.env.settings).await;
 
     let output = tokio::process::Command::new("bash")
         .arg(repo_root().join("ops/check-openapi.sh"))
-        .arg(format!("http://{addr}"))
+        .arg(&server.base)
         .arg("--header")
         .arg(format!("Authorization: Bearer {TOKEN}"))
         .env("SCHEMATHESIS", &schemathesis)
@@ -144,8 +99,8 @@ async fn the_served_document_holds_for_every_generated_request() {
         "schemathesis found failures (exit {:?}); its report is above",
         output.status.code()
     );
-    shutdown.cancel();
-    env.cleanup().await;
+    server.stop();
+    pipeline.stop().await;
 }
 
 /// The `Last-Event-ID` that `ops/schemathesis.toml` sends stands for the very

@@ -13,13 +13,11 @@ use prost::Message;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::migrate::Migrator;
-use sqlx::{Connection, PgConnection};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 use worldline_ops::Health;
-use worldline_producers::{Appender, AppenderOptions};
 use worldline_projectors::read_models::clock::ClockProjector;
 use worldline_projectors::read_models::worlds::WorldsProjector;
 use worldline_projectors::store::{
@@ -30,7 +28,7 @@ use worldline_schemas::envelope::{EnvelopeExt, new_envelope};
 use worldline_schemas::pb::envelope::Body;
 use worldline_schemas::pb::{ClockTicked, Envelope, Season};
 use worldline_schemas::{Family, WorldId};
-use worldline_tests::{TestEnv, eventually};
+use worldline_tests::{TestEnv, eventually, pipeline};
 
 fn tick(world: &WorldId, n: u64) -> Envelope {
     new_envelope(
@@ -46,22 +44,41 @@ fn tick(world: &WorldId, n: u64) -> Envelope {
     )
 }
 
+/// The clock read model's schema, with its tables and nothing in them: what
+/// `worldline migrate` creates.
+async fn clock_schema(env: &TestEnv) -> SchemaName {
+    let schema = SchemaName::parse("clock").unwrap();
+    prepare_schema(&env.pool, &schema, &ClockProjector)
+        .await
+        .unwrap();
+    schema
+}
+
+/// Waits until `schema`'s clock table holds `tick` for `world`.
+async fn wait_for_tick(env: &TestEnv, schema: &str, world: &WorldId, tick: i64) {
+    let sql = format!("SELECT tick FROM {schema}.world_clock WHERE world_id = $1");
+    eventually(
+        Duration::from_secs(30),
+        &format!("tick {tick} of {world} to be applied"),
+        || async {
+            let applied: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
+                .bind(world.as_str())
+                .fetch_optional(&env.pool)
+                .await
+                .ok()?;
+            (applied == Some(tick)).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_records_become_one_dead_letter_each_and_later_events_still_apply() {
     let env = TestEnv::new(2).await;
     let world = WorldId::parse("poisoned").unwrap();
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
+    let appender = env.appender();
     let first: Vec<Envelope> = (1..=10).map(|n| tick(&world, n)).collect();
-    for result in appender.append_batch(&first).await {
-        result.unwrap();
-    }
+    pipeline::append(&appender, &first).await;
 
     // Four kinds of poison, keyed like the world so they sit in its partition.
     let valid = tick(&world, 11).to_bytes();
@@ -77,39 +94,17 @@ async fn poison_records_become_one_dead_letter_each_and_later_events_still_apply
         ("empty value", Vec::new()),
         ("unknown event type", unknown_type),
     ];
-    let producer = env.raw_producer();
     let topic = env.topic(Family::Clock);
     for (_, bytes) in &poison {
-        producer
-            .send(
-                FutureRecord::to(&topic).key(world.as_str()).payload(bytes),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+        env.send_raw(Family::Clock, world.as_str(), bytes).await;
     }
     // A producer retry: the same event (same id) again at a later offset, then more ticks.
     let mut later = vec![first[9].clone()];
     later.extend((11..=20).map(|n| tick(&world, n)));
-    for result in appender.append_batch(&later).await {
-        result.unwrap();
-    }
+    pipeline::append(&appender, &later).await;
 
     let projector = env.start_projector(Arc::new(ClockProjector));
-    let pool = env.pool.clone();
-    eventually(Duration::from_secs(30), "tick 20 to be applied", || {
-        let pool = pool.clone();
-        async move {
-            let tick: Option<i64> = sqlx::query_scalar(
-                "SELECT tick FROM clock.world_clock WHERE world_id = 'poisoned'",
-            )
-            .fetch_optional(&pool)
-            .await
-            .ok()?;
-            (tick == Some(20)).then_some(())
-        }
-    })
-    .await;
+    wait_for_tick(&env, "clock", &world, 20).await;
 
     let letters: Vec<(String, String, String)> = sqlx::query_as(
         "SELECT error_class, error_message, payload_sha256 FROM clock.dead_letters ORDER BY kafka_offset",
@@ -160,10 +155,7 @@ async fn poison_records_become_one_dead_letter_each_and_later_events_still_apply
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_offset_cannot_be_committed_twice() {
     let env = TestEnv::new(1).await;
-    let schema = SchemaName::parse("clock").unwrap();
-    prepare_schema(&env.pool, &schema, &ClockProjector)
-        .await
-        .unwrap();
+    let schema = clock_schema(&env).await;
     let mut conn = env.pool.acquire().await.unwrap();
 
     // First writer of a partition: no row yet.
@@ -204,10 +196,7 @@ async fn a_stale_offset_cannot_be_committed_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_moves_every_partition_by_compare_and_set_in_one_statement() {
     let env = TestEnv::new(1).await;
-    let schema = SchemaName::parse("clock").unwrap();
-    prepare_schema(&env.pool, &schema, &ClockProjector)
-        .await
-        .unwrap();
+    let schema = clock_schema(&env).await;
     let mut conn = env.pool.acquire().await.unwrap();
     let mv = |partition: i32, expected: Option<i64>, next: i64| OffsetMove {
         topic: "t".to_owned(),
@@ -255,46 +244,11 @@ async fn a_batch_moves_every_partition_by_compare_and_set_in_one_statement() {
 async fn a_restarted_projector_resumes_from_postgres_not_from_the_beginning() {
     let env = TestEnv::new(2).await;
     let world = WorldId::parse("resume").unwrap();
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
-    let wait_for = |expected: i64| {
-        let pool = env.pool.clone();
-        async move {
-            eventually(
-                Duration::from_secs(30),
-                "the clock to reach the expected tick",
-                || {
-                    let pool = pool.clone();
-                    async move {
-                        let tick: Option<i64> = sqlx::query_scalar(
-                            "SELECT tick FROM clock.world_clock WHERE world_id = 'resume'",
-                        )
-                        .fetch_optional(&pool)
-                        .await
-                        .ok()?;
-                        (tick == Some(expected)).then_some(())
-                    }
-                },
-            )
-            .await
-        }
-    };
+    let appender = env.appender();
     let batch: Vec<Envelope> = (1..=5).map(|n| tick(&world, n)).collect();
-    appender
-        .append_batch(&batch)
-        .await
-        .into_iter()
-        .for_each(|r| {
-            r.unwrap();
-        });
+    pipeline::append(&appender, &batch).await;
     let projector = env.start_projector(Arc::new(ClockProjector));
-    wait_for(5).await;
+    wait_for_tick(&env, "clock", &world, 5).await;
     projector.stop().await;
 
     // Kafka's committed offset for the group is now at the end of the log. Rewind
@@ -312,22 +266,14 @@ async fn a_restarted_projector_resumes_from_postgres_not_from_the_beginning() {
     .await
     .unwrap();
     let projector = env.start_projector(Arc::new(ClockProjector));
-    wait_for(5).await;
+    wait_for_tick(&env, "clock", &world, 5).await;
     let batch: Vec<Envelope> = (6..=8).map(|n| tick(&world, n)).collect();
-    appender
-        .append_batch(&batch)
-        .await
-        .into_iter()
-        .for_each(|r| {
-            r.unwrap();
-        });
-    wait_for(8).await;
+    pipeline::append(&appender, &batch).await;
+    wait_for_tick(&env, "clock", &world, 8).await;
     projector.stop().await;
-    let end: i64 =
-        sqlx::query_scalar("SELECT SUM(next_offset)::bigint FROM clock.projector_offsets")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
+    let end = env
+        .scalar("SELECT SUM(next_offset)::bigint FROM clock.projector_offsets")
+        .await;
     assert_eq!(end, 8, "eight records consumed in all");
     env.cleanup().await;
 }
@@ -355,13 +301,7 @@ impl Observed {
         .await
         .unwrap();
         let options = worldline_projectors::runtime_options(&env.settings, projector.as_ref());
-        let runtime = worldline_projectors::ProjectorRuntime::new(
-            projector,
-            env.pool.clone(),
-            env.settings.kafka.clone(),
-            options,
-            health,
-        );
+        let runtime = env.runtime(projector, options, health);
         let mut observed = Observed {
             ops: format!("http://{addr}"),
             halted_at_start: 0.0,
@@ -405,10 +345,7 @@ impl Observed {
 /// Runs the clock projector from a stored position outside the log and checks
 /// that it halts, loudly, without applying or moving anything.
 async fn assert_halts_from(env: &TestEnv, stored: i64) {
-    let schema = SchemaName::parse("clock").unwrap();
-    prepare_schema(&env.pool, &schema, &ClockProjector)
-        .await
-        .unwrap();
+    let schema = clock_schema(env).await;
     let topic = env.topic(Family::Clock);
     let mut conn = env.pool.acquire().await.unwrap();
     assert!(
@@ -436,32 +373,18 @@ async fn assert_halts_from(env: &TestEnv, stored: i64) {
     );
     assert_eq!(observed.get("/livez").await.0, 200, "halted, not dead");
 
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM clock.world_clock")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let rows = env.scalar("SELECT count(*) FROM clock.world_clock").await;
     assert_eq!(rows, 0, "nothing applied from a guessed position");
-    let left: i64 = sqlx::query_scalar("SELECT next_offset FROM clock.projector_offsets")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let left = env
+        .scalar("SELECT next_offset FROM clock.projector_offsets")
+        .await;
     assert_eq!(left, stored, "the stored position is left for the operator");
     observed.shutdown.cancel();
 }
 
 async fn append_ticks(env: &TestEnv, world: &WorldId, ticks: std::ops::RangeInclusive<u64>) {
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
     let batch: Vec<Envelope> = ticks.map(|n| tick(world, n)).collect();
-    for result in appender.append_batch(&batch).await {
-        result.unwrap();
-    }
+    env.append(&batch).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -542,20 +465,8 @@ async fn an_event_a_projector_rejects_becomes_one_dead_letter_and_later_events_s
     // One append: ticks 12, 13 and 14 share a batch, so the rest of that batch
     // must be applied without the rejected event.
     append_ticks(&env, &world, 1..=20).await;
-    let current_tick = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT tick FROM rejects_thirteen.world_clock WHERE world_id = 'picky'",
-        )
-        .fetch_optional(&env.pool)
-        .await
-        .ok()
-        .flatten()
-    };
     let projector = env.start_projector(Arc::new(RejectsTickThirteen));
-    eventually(Duration::from_secs(30), "tick 20 to be applied", || async {
-        (current_tick().await == Some(20)).then_some(())
-    })
-    .await;
+    wait_for_tick(&env, "rejects_thirteen", &world, 20).await;
     projector.stop().await;
 
     let letters = || async {
@@ -587,17 +498,12 @@ async fn an_event_a_projector_rejects_becomes_one_dead_letter_and_later_events_s
     // good; it is neither applied nor dead-lettered again.
     append_ticks(&env, &world, 21..=25).await;
     let projector = env.start_projector(Arc::new(RejectsTickThirteen));
-    eventually(Duration::from_secs(30), "tick 25 to be applied", || async {
-        (current_tick().await == Some(25)).then_some(())
-    })
-    .await;
+    wait_for_tick(&env, "rejects_thirteen", &world, 25).await;
     projector.stop().await;
     assert_eq!(letters().await.len(), 1, "dead-lettered once");
-    let stored: i64 =
-        sqlx::query_scalar("SELECT next_offset FROM rejects_thirteen.projector_offsets")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
+    let stored = env
+        .scalar("SELECT next_offset FROM rejects_thirteen.projector_offsets")
+        .await;
     assert_eq!(stored, 25);
     env.cleanup().await;
 }
@@ -612,18 +518,9 @@ async fn kafka_committed_offsets_follow_the_stored_offsets_for_lag_tools() {
         append_ticks(&env, world, 1..=30).await;
     }
     let projector = env.start_projector(Arc::new(ClockProjector));
-    eventually(Duration::from_secs(30), "the clock to catch up", || async {
-        env.caught_up("clock", &ClockProjector).await.then_some(())
-    })
-    .await;
+    env.wait_caught_up(&ClockProjector).await;
     let topic = env.topic(Family::Clock);
-    let stored: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, next_offset FROM clock.projector_offsets WHERE topic = $1 ORDER BY partition",
-    )
-    .bind(&topic)
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let stored: Vec<(i32, i64)> = env.stored_offsets("clock", &topic).await;
     assert_eq!(stored.len(), 2, "{stored:?}");
 
     // Another client of the same group only reads the group's offsets; it
@@ -664,10 +561,7 @@ async fn kafka_committed_offsets_follow_the_stored_offsets_for_lag_tools() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_that_decode_after_a_fix_are_redriven_once() {
     let env = TestEnv::new(1).await;
-    let schema = SchemaName::parse("clock").unwrap();
-    prepare_schema(&env.pool, &schema, &ClockProjector)
-        .await
-        .unwrap();
+    let schema = clock_schema(&env).await;
     let world = WorldId::parse("redriven").unwrap();
     // As an older build would have recorded them: a tick it could not decode
     // (today's build can), and bytes nobody can decode.
@@ -691,11 +585,9 @@ async fn dead_letters_that_decode_after_a_fix_are_redriven_once() {
         (first.examined, first.applied, first.still_failing),
         (2, 1, 1)
     );
-    let tick_now: i64 =
-        sqlx::query_scalar("SELECT tick FROM clock.world_clock WHERE world_id = 'redriven'")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
+    let tick_now = env
+        .scalar("SELECT tick FROM clock.world_clock WHERE world_id = 'redriven'")
+        .await;
     assert_eq!(tick_now, 7);
 
     let second =
@@ -707,11 +599,9 @@ async fn dead_letters_that_decode_after_a_fix_are_redriven_once() {
         (1, 0, 1),
         "the re-driven letter is not applied again; the broken one is still there"
     );
-    let pending: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM clock.dead_letters WHERE redriven_at IS NULL")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
+    let pending = env
+        .scalar("SELECT count(*) FROM clock.dead_letters WHERE redriven_at IS NULL")
+        .await;
     assert_eq!(pending, 1);
     env.cleanup().await;
 }
@@ -727,14 +617,7 @@ async fn a_conflict_on_one_partition_loses_nothing_on_the_others_in_the_same_bat
     env.settings.projector.batch_max_records = 1_000;
     env.settings.projector.batch_max_wait_ms = 2_000;
     let worlds = two_worlds_on_different_partitions(2);
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
+    let appender = env.appender();
     let append = |from: u64, to: u64| {
         let batch: Vec<Envelope> = worlds
             .iter()
@@ -742,9 +625,7 @@ async fn a_conflict_on_one_partition_loses_nothing_on_the_others_in_the_same_bat
             .collect();
         let appender = appender.clone();
         async move {
-            for result in appender.append_batch(&batch).await {
-                result.unwrap();
-            }
+            pipeline::append(&appender, &batch).await;
         }
     };
     let applied = |world: &WorldId| {

@@ -6,35 +6,19 @@
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::producer::FutureRecord;
 use reqwest::StatusCode;
 use serde_json::Value;
 use sqlx::AssertSqlSafe;
-use tokio_util::sync::CancellationToken;
-use worldline_ops::Health;
-use worldline_ops::config::StaticToken;
-use worldline_producers::{Appender, AppenderOptions};
-use worldline_projectors::{Projector, ProjectorRuntime, RuntimeError, registry};
-use worldline_schemas::pb::Envelope;
+use worldline_projectors::{Projector, registry};
 use worldline_schemas::{Family, WorldId};
-use worldline_tests::{Running, TestEnv, eventually, fixture};
+use worldline_tests::api::{Server, listed_projectors, registered_projectors, token};
+use worldline_tests::{Running, TestEnv, eventually, fixture, pipeline};
 
 const READER: &str = "r3ader";
 const FROST_READER: &str = "fr0st";
 const WRITER: &str = "wr1ter";
-
-fn token(name: &str, secret: &str, scopes: &[&str], worlds: Option<&[&str]>) -> StaticToken {
-    StaticToken {
-        name: name.to_owned(),
-        token: secret.to_owned(),
-        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-        worlds: worlds.map(|ws| ws.iter().map(|w| (*w).to_owned()).collect()),
-    }
-}
 
 async fn test_env(partitions: i32) -> TestEnv {
     let mut env = TestEnv::new(partitions).await;
@@ -49,33 +33,6 @@ async fn test_env(partitions: i32) -> TestEnv {
         token("writer", WRITER, &["ingest"], None),
     ];
     env
-}
-
-async fn append(env: &TestEnv, events: &[Envelope]) {
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
-    for result in appender.append_batch(events).await {
-        result.unwrap();
-    }
-}
-
-async fn caught_up(env: &TestEnv, projector: &dyn Projector) {
-    eventually(
-        Duration::from_secs(60),
-        &format!("{} to catch up", projector.name()),
-        || async move {
-            env.caught_up(projector.name(), projector)
-                .await
-                .then_some(())
-        },
-    )
-    .await;
 }
 
 /// Kafka's log end of every partition of every topic `projector` reads.
@@ -123,51 +80,12 @@ async fn log_ends_recorded(env: &TestEnv, schema: &str, expected: &BTreeMap<(Str
     .await;
 }
 
-/// The query API alone, built from settings as `worldline serve` builds it.
-struct Api {
-    shutdown: CancellationToken,
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Api {
-    async fn start(env: &TestEnv) -> Api {
-        let shutdown = CancellationToken::new();
-        let app = worldline_query_api::build_with_shutdown(
-            &env.settings,
-            Health::default(),
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        let (addr, _task) = worldline_ops::health::serve(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            app,
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        Api {
-            shutdown,
-            base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
-        }
-    }
-
-    async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
-        let mut request = self.http.get(format!("{}{path}", self.base));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        request.send().await.unwrap()
-    }
-
-    async fn projectors(&self) -> BTreeMap<String, Value> {
-        let response = self.get("/v1/projectors", Some(READER)).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        let body: Value = response.json().await.unwrap();
-        by_name(&body)
-    }
+/// Every projector's status from `/v1/projectors`, by name.
+async fn projectors(api: &Server) -> BTreeMap<String, Value> {
+    let response = api.get("/v1/projectors", Some(READER)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    by_name(&body)
 }
 
 fn by_name(body: &Value) -> BTreeMap<String, Value> {
@@ -197,46 +115,33 @@ fn partitions(status: &Value) -> BTreeMap<(String, i64), Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_projectors_position_lag_and_dead_letters_come_from_postgres() {
     let env = test_env(2).await;
-    append(&env, &fixture::events()).await;
+    env.append(&fixture::events()).await;
     // A record no build can decode: the projectors reading weather dead-letter it.
-    env.raw_producer()
-        .send(
-            FutureRecord::to(&env.topic(Family::Weather))
-                .key("emberfall")
-                .payload(&[0xde_u8, 0xad, 0xbe, 0xef][..]),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    env.send_raw(Family::Weather, "emberfall", &[0xde, 0xad, 0xbe, 0xef])
+        .await;
     let all = registry::all();
     let running: Vec<Running> = all.iter().map(|p| env.start_projector(p.clone())).collect();
     let mut expected_ends = BTreeMap::new();
     for projector in &all {
-        caught_up(&env, projector.as_ref()).await;
+        env.wait_caught_up(projector.as_ref()).await;
         let ends = log_ends(&env, projector.as_ref());
         log_ends_recorded(&env, projector.name(), &ends).await;
         expected_ends.insert(projector.name(), ends);
     }
     // Still figures from here on; the API has no projector of its own.
-    for projector in running {
-        projector.stop().await;
-    }
-    let api = Api::start(&env).await;
+    pipeline::stop_all(running).await;
+    let api = Server::query_api(&env.settings).await;
 
     let response = api.get("/v1/projectors", Some(READER)).await;
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = response.json().await.unwrap();
     let statuses = by_name(&body);
 
-    let mut names: Vec<&str> = all.iter().map(|p| p.name()).collect();
-    names.sort_unstable();
-    let listed: Vec<&str> = body["projectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["projector"].as_str().unwrap())
-        .collect();
-    assert_eq!(listed, names, "every registered projector, by name");
+    assert_eq!(
+        listed_projectors(&body),
+        registered_projectors(),
+        "every registered projector, by name"
+    );
 
     for projector in &all {
         let name = projector.name();
@@ -337,42 +242,8 @@ async fn every_projectors_position_lag_and_dead_letters_come_from_postgres() {
         assert!(operation["responses"][status].is_object(), "{status}");
     }
 
-    api.shutdown.cancel();
+    api.stop();
     env.cleanup().await;
-}
-
-/// A projector runtime that applies a partition only up to `stop` and then
-/// keeps running (another partition's target is never met), observing the log
-/// end like any instance: a projector behind its log, deterministically.
-struct Held {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), RuntimeError>>,
-}
-
-impl Held {
-    fn start(
-        env: &TestEnv,
-        projector: Arc<dyn Projector>,
-        stop: HashMap<(String, i32), i64>,
-    ) -> Held {
-        let mut options = worldline_projectors::runtime_options(&env.settings, projector.as_ref());
-        options.stop_at = Some(stop);
-        let runtime = ProjectorRuntime::new(
-            projector,
-            env.pool.clone(),
-            env.settings.kafka.clone(),
-            options,
-            Health::default(),
-        );
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(runtime.run(shutdown.clone()));
-        Held { shutdown, task }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap().unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,7 +252,7 @@ async fn a_projector_behind_its_log_reports_the_records_it_has_not_applied() {
     let world = WorldId::parse("emberfall").unwrap();
     let mut events = vec![fixture::created(&world, "Emberfall", &["north"])];
     events.extend((1..=10).map(|t| fixture::tick(&world, t)));
-    append(&env, &events).await;
+    env.append(&events).await;
     let clock_topic = env.topic(Family::Clock);
     let partition = env.read_topic(&clock_topic)[0].partition;
     let empty = 1 - partition;
@@ -392,21 +263,22 @@ async fn a_projector_behind_its_log_reports_the_records_it_has_not_applied() {
         running.push(env.start_projector(projector.clone()));
     }
     let clock = registry::by_name("clock").unwrap();
-    let held = Held::start(
-        &env,
-        clock.clone(),
-        HashMap::from([
+    // Applies the partition only up to offset 4 and then keeps running (the
+    // empty partition's target is never met), observing the log end like any
+    // instance: a projector behind its log, deterministically.
+    let held = env.start_projector_with(clock.clone(), |options| {
+        options.stop_at = Some(HashMap::from([
             ((clock_topic.clone(), partition), 4),
             ((clock_topic.clone(), empty), 1),
-        ]),
-    );
+        ]));
+    });
     let mut ends = BTreeMap::new();
     ends.insert((clock_topic.clone(), i64::from(partition)), 10);
     log_ends_recorded(&env, "clock", &ends).await;
-    let api = Api::start(&env).await;
+    let api = Server::query_api(&env.settings).await;
 
     let key = (clock_topic.clone(), i64::from(partition));
-    let statuses = api.projectors().await;
+    let statuses = projectors(&api).await;
     let status = &statuses["clock"];
     let held_partition = &partitions(status)[&key];
     assert_eq!(held_partition["next_offset"], 4, "{status}");
@@ -429,9 +301,9 @@ async fn a_projector_behind_its_log_reports_the_records_it_has_not_applied() {
     // Released, the projector catches up and the same endpoint shows it.
     held.stop().await;
     running.push(env.start_projector(clock.clone()));
-    caught_up(&env, clock.as_ref()).await;
+    env.wait_caught_up(clock.as_ref()).await;
     let status = eventually(Duration::from_secs(30), "clock to show no lag", || async {
-        let statuses = api.projectors().await;
+        let statuses = projectors(&api).await;
         let status = statuses["clock"].clone();
         (status["lag_records"] == 0).then_some(status)
     })
@@ -439,9 +311,7 @@ async fn a_projector_behind_its_log_reports_the_records_it_has_not_applied() {
     assert_eq!(status["position"], 10, "{status}");
     assert_eq!(partitions(&status)[&key]["next_offset"], 10, "{status}");
 
-    for projector in running {
-        projector.stop().await;
-    }
-    api.shutdown.cancel();
+    pipeline::stop_all(running).await;
+    api.stop();
     env.cleanup().await;
 }

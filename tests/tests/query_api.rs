@@ -6,18 +6,15 @@
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-use worldline_ops::Health;
-use worldline_ops::config::StaticToken;
-use worldline_producers::{Appender, AppenderOptions};
 use worldline_schemas::pb::{InferenceOutcome, InferencePurpose};
-use worldline_tests::{Running, TestEnv, eventually};
+use worldline_tests::api::{Server, content_type, read_token};
+use worldline_tests::pipeline::Pipeline;
+use worldline_tests::{TestEnv, eventually};
 
 use worldline_tests::fixture::{
     BOUNDS, CHOICES, INFERENCES, InferenceSpec, OTHER_WORLD_MARKERS, events, purpose_name,
@@ -25,10 +22,8 @@ use worldline_tests::fixture::{
 
 /// The pipeline and the API, running.
 struct Served {
-    env: TestEnv,
-    projectors: Vec<Running>,
-    shutdown: CancellationToken,
-    base: Url,
+    pipeline: Pipeline,
+    server: Server,
     http: reqwest::Client,
 }
 
@@ -36,61 +31,15 @@ impl Served {
     /// Appends every event, projects them all, and serves the API.
     async fn start() -> Served {
         let mut env = TestEnv::new(2).await;
-        env.settings.auth.tokens = vec![StaticToken {
-            name: "reader".to_owned(),
-            token: READ_TOKEN.to_owned(),
-            scopes: vec!["read".to_owned()],
-            worlds: None,
-        }];
+        env.settings.auth.tokens = vec![read_token("reader", READ_TOKEN)];
         // These tests send hundreds of requests at once; the limit has its own test.
         env.settings.auth.rate_limit_per_second = 1e6;
         env.settings.auth.rate_limit_burst = 1_000_000;
-        let appender = Appender::new(
-            &env.settings.kafka,
-            AppenderOptions {
-                topic_prefix: env.settings.topics.prefix.clone(),
-                ..AppenderOptions::default()
-            },
-        )
-        .unwrap();
-        for result in appender.append_batch(&events()).await {
-            result.unwrap();
-        }
-        let all = worldline_projectors::registry::all();
-        let projectors = all.iter().map(|p| env.start_projector(p.clone())).collect();
-        for projector in &all {
-            let env = &env;
-            eventually(
-                Duration::from_secs(60),
-                &format!("{} to catch up", projector.name()),
-                || async move {
-                    env.caught_up(projector.name(), projector.as_ref())
-                        .await
-                        .then_some(())
-                },
-            )
-            .await;
-        }
-        let shutdown = CancellationToken::new();
-        let app = worldline_query_api::build_with_shutdown(
-            &env.settings,
-            Health::default(),
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        let (addr, _task) = worldline_ops::health::serve(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            app,
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
+        let pipeline = Pipeline::over(env, &events()).await;
+        let server = Server::query_api(&pipeline.env.settings).await;
         Served {
-            env,
-            projectors,
-            shutdown,
-            base: Url::parse(&format!("http://{addr}")).unwrap(),
+            pipeline,
+            server,
             http: reqwest::Client::builder()
                 .default_headers(HeaderMap::from_iter([(
                     AUTHORIZATION,
@@ -103,12 +52,7 @@ impl Served {
 
     /// A URL from path segments (each percent-encoded as needed) and query pairs.
     fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
-        let mut url = self.base.clone();
-        url.path_segments_mut().unwrap().extend(segments);
-        if !query.is_empty() {
-            url.query_pairs_mut().extend_pairs(query);
-        }
-        url
+        self.server.url_of(segments, query)
     }
 
     async fn get_url(&self, url: Url) -> (StatusCode, String, Value) {
@@ -120,11 +64,7 @@ impl Served {
     async fn get_with(&self, url: Url, headers: HeaderMap) -> (StatusCode, String, Value) {
         let mut response = self.http.get(url).headers(headers).send().await.unwrap();
         let status = response.status();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
+        let content_type = content_type(&response);
         let text = if content_type == "text/event-stream" {
             let mut bytes = Vec::new();
             while let Ok(Ok(Some(chunk))) =
@@ -195,11 +135,8 @@ impl Served {
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        for projector in self.projectors {
-            projector.stop().await;
-        }
-        self.env.cleanup().await;
+        self.server.stop();
+        self.pipeline.stop().await;
     }
 }
 

@@ -3,21 +3,17 @@
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-use worldline_ops::Health;
-use worldline_ops::config::{JwtSettings, StaticToken};
-use worldline_producers::{Appender, AppenderOptions};
+use worldline_ops::config::JwtSettings;
 use worldline_schemas::WorldId;
 use worldline_schemas::envelope::new_envelope;
-use worldline_schemas::pb::WorldCreated;
 use worldline_schemas::pb::envelope::Body;
-use worldline_tests::{Running, TestEnv, eventually};
+use worldline_schemas::pb::{Envelope, WorldCreated};
+use worldline_tests::TestEnv;
+use worldline_tests::api::{Server, token};
+use worldline_tests::pipeline::Pipeline;
 
 const WORLD: &str = "emberfall";
 const HS_SECRET: &str = "an-hs256-secret-of-at-least-32-bytes";
@@ -50,15 +46,6 @@ fn with_unknown_parameter(path: &str) -> String {
     format!("{path}{separator}x=1")
 }
 
-fn token(name: &str, secret: &str, scopes: &[&str], worlds: Option<&[&str]>) -> StaticToken {
-    StaticToken {
-        name: name.to_owned(),
-        token: secret.to_owned(),
-        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-        worlds: worlds.map(|ws| ws.iter().map(|w| (*w).to_owned()).collect()),
-    }
-}
-
 fn jwt(algorithm: Algorithm, overrides: Value) -> String {
     let now = get_current_timestamp();
     let mut claims = json!({
@@ -78,76 +65,43 @@ fn jwt(algorithm: Algorithm, overrides: Value) -> String {
 }
 
 struct Served {
-    env: TestEnv,
-    projector: Option<Running>,
-    shutdown: CancellationToken,
-    base: String,
-    http: reqwest::Client,
+    pipeline: Pipeline,
+    server: Server,
 }
 
 async fn serve(configure: impl FnOnce(&mut TestEnv), with_world: bool) -> Served {
     let mut env = TestEnv::new(1).await;
     configure(&mut env);
-    let mut projector = None;
+    let mut pipeline = Pipeline::new(env);
     if with_world {
-        let appender = Appender::new(
-            &env.settings.kafka,
-            AppenderOptions {
-                topic_prefix: env.settings.topics.prefix.clone(),
-                ..AppenderOptions::default()
-            },
-        )
-        .unwrap();
-        for name in [WORLD, OTHER_WORLD] {
-            let world = WorldId::parse(name).unwrap();
-            let created = Body::WorldCreated(WorldCreated {
-                display_name: name.to_owned(),
-                seed: 1,
-                time_scale: 60,
-                tick_interval_ms: 1000,
-                regions: vec!["north".to_owned()],
-            });
-            appender
-                .append(&new_envelope(&world, 0, "test", created))
-                .await
-                .unwrap();
-        }
-        // Every read model's schema must exist for the valid cases to get 200s.
-        let all = worldline_projectors::registry::all();
-        let running: Vec<Running> = all.iter().map(|p| env.start_projector(p.clone())).collect();
-        for p in &all {
-            let env = &env;
-            eventually(Duration::from_secs(60), p.name(), || async move {
-                env.caught_up(p.name(), p.as_ref()).await.then_some(())
+        let created: Vec<Envelope> = [WORLD, OTHER_WORLD]
+            .into_iter()
+            .map(|name| {
+                let world = WorldId::parse(name).unwrap();
+                let created = Body::WorldCreated(WorldCreated {
+                    display_name: name.to_owned(),
+                    seed: 1,
+                    time_scale: 60,
+                    tick_interval_ms: 1000,
+                    regions: vec!["north".to_owned()],
+                });
+                new_envelope(&world, 0, "test", created)
             })
-            .await;
-        }
-        let mut running = running.into_iter();
-        projector = running.next();
-        for other in running {
-            other.stop().await;
-        }
+            .collect();
+        pipeline.append(&created).await;
+        // Every read model's schema must exist for the valid cases to get 200s.
+        pipeline.start_projectors();
+        pipeline.env.wait_all_caught_up().await;
+        let first = pipeline.projectors[0].name();
+        pipeline.stop_projectors_except(|name| name == first).await;
     }
-    let app = worldline_query_api::build(&env.settings, Health::default())
-        .await
-        .unwrap();
-    let shutdown = CancellationToken::new();
-    let (addr, _task) =
-        worldline_ops::health::serve(SocketAddr::from(([127, 0, 0, 1], 0)), app, shutdown.clone())
-            .await
-            .unwrap();
-    Served {
-        env,
-        projector,
-        shutdown,
-        base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
-    }
+    let server = Server::query_api(&pipeline.env.settings).await;
+    Served { pipeline, server }
 }
 
 impl Served {
     async fn get(&self, path: &str, authorization: Option<&str>) -> reqwest::Response {
-        let mut request = self.http.get(format!("{}{path}", self.base));
+        let mut request = self.server.http.get(self.server.url(path));
         if let Some(value) = authorization {
             request = request.header("Authorization", value);
         }
@@ -155,11 +109,8 @@ impl Served {
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        if let Some(running) = self.projector {
-            running.stop().await;
-        }
-        self.env.cleanup().await;
+        self.server.stop();
+        self.pipeline.stop().await;
     }
 }
 

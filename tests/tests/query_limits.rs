@@ -4,35 +4,24 @@
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
-use std::net::SocketAddr;
-
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
-use worldline_ops::Health;
-use worldline_ops::config::StaticToken;
 use worldline_ops::consistency::ConsistencyToken;
 use worldline_schemas::Family;
 use worldline_tests::TestEnv;
+use worldline_tests::api::{Server, read_token};
 
 const TOKEN: &str = "l1mits";
 const MAX_BODY_BYTES: usize = 1024;
 
 struct Served {
     env: TestEnv,
-    shutdown: CancellationToken,
-    base: String,
-    http: reqwest::Client,
+    server: Server,
 }
 
 async fn serve(configure: impl FnOnce(&mut TestEnv)) -> Served {
     let mut env = TestEnv::new(1).await;
-    env.settings.auth.tokens = vec![StaticToken {
-        name: "limited".to_owned(),
-        token: TOKEN.to_owned(),
-        scopes: vec!["read".to_owned()],
-        worlds: None,
-    }];
+    env.settings.auth.tokens = vec![read_token("limited", TOKEN)];
     env.settings.http.max_body_bytes = MAX_BODY_BYTES;
     configure(&mut env);
     // The read models' tables, empty: what `worldline migrate` creates.
@@ -42,25 +31,13 @@ async fn serve(configure: impl FnOnce(&mut TestEnv)) -> Served {
             .await
             .unwrap();
     }
-    let app = worldline_query_api::build(&env.settings, Health::default())
-        .await
-        .unwrap();
-    let shutdown = CancellationToken::new();
-    let (addr, _task) =
-        worldline_ops::health::serve(SocketAddr::from(([127, 0, 0, 1], 0)), app, shutdown.clone())
-            .await
-            .unwrap();
-    Served {
-        env,
-        shutdown,
-        base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
-    }
+    let server = Server::query_api(&env.settings).await;
+    Served { env, server }
 }
 
 impl Served {
     async fn stop(self) {
-        self.shutdown.cancel();
+        self.server.stop();
         self.env.cleanup().await;
     }
 }
@@ -83,9 +60,9 @@ async fn problem(response: reqwest::Response, status: StatusCode) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_the_limit_is_a_413_problem_and_one_within_it_is_not() {
     let served = serve(|_| {}).await;
-    let url = format!("{}/v1/worlds/emberfall/clock", served.base);
+    let url = served.server.url("/v1/worlds/emberfall/clock");
     let send = |body: Vec<u8>, token: Option<&'static str>| {
-        let mut request = served.http.get(&url).body(body);
+        let mut request = served.server.http.get(&url).body(body);
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -127,8 +104,9 @@ async fn a_request_over_the_time_limit_is_a_503_problem_with_retry_after() {
         ConsistencyToken::from_positions([(served.env.topic(Family::Clock), 0, 1_000_000_000)])
             .encode();
     let response = served
+        .server
         .http
-        .get(format!("{}/v1/worlds/emberfall/clock", served.base))
+        .get(served.server.url("/v1/worlds/emberfall/clock"))
         .bearer_auth(TOKEN)
         .header("X-Consistency-Token", unreachable)
         .send()
@@ -147,13 +125,7 @@ async fn a_request_over_the_time_limit_is_a_503_problem_with_retry_after() {
     assert_eq!(retry_after.unwrap(), "1");
 
     // A request within the limit is untouched by it.
-    let quick = served
-        .http
-        .get(format!("{}/v1/worlds", served.base))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let quick = served.server.get("/v1/worlds", Some(TOKEN)).await;
     assert_eq!(quick.status(), StatusCode::OK);
     served.stop().await;
 }

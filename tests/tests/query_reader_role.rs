@@ -8,41 +8,16 @@
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use reqwest::{StatusCode, Url};
+use reqwest::StatusCode;
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgPool};
-use tokio_util::sync::CancellationToken;
-use worldline_ops::Health;
-use worldline_ops::config::StaticToken;
-use worldline_producers::{Appender, AppenderOptions};
-use worldline_tests::{TestEnv, eventually};
+use worldline_tests::api::{READER_ROLE, Server, read_token, reader_url};
+use worldline_tests::pipeline::Pipeline;
+use worldline_tests::{TestEnv, eventually, fixture};
 
-/// The role the stack scripts create for the query API.
-const READER_ROLE: &str = "worldline_reader";
 const TOKEN: &str = "r3ad-only";
-
-/// The reader's URL for this test's database: the stack's reader URL when the
-/// environment has one (its user and password), else the owner's URL with the
-/// reader's name (the stack scripts give both roles the same password).
-fn reader_url(owner_url: &str) -> String {
-    let mut url = Url::parse(owner_url).unwrap();
-    let configured = std::env::var("WORLDLINE__DATABASE__READER_URL")
-        .ok()
-        .and_then(|u| Url::parse(&u).ok());
-    let (user, password) = match &configured {
-        Some(reader) if reader.username() == READER_ROLE => (
-            reader.username().to_owned(),
-            reader.password().map(str::to_owned),
-        ),
-        _ => (READER_ROLE.to_owned(), url.password().map(str::to_owned)),
-    };
-    url.set_username(&user).unwrap();
-    url.set_password(password.as_deref()).unwrap();
-    url.into()
-}
 
 /// What a path template of the document becomes, with ids the fixture has data
 /// for, and the values of its required query parameters.
@@ -88,70 +63,18 @@ async fn on_the_read_only_role_every_endpoint_answers_and_no_write_gets_through(
         format!("ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {READER_ROLE}"),
         format!("ALTER DEFAULT PRIVILEGES GRANT SELECT ON SEQUENCES TO {READER_ROLE}"),
     ] {
-        sqlx::query(AssertSqlSafe(statement))
-            .execute(&env.pool)
-            .await
-            .unwrap();
+        env.execute(&statement).await;
     }
     env.settings.database.reader_url = Some(reader_url(&env.settings.database.url));
-    env.settings.auth.tokens = vec![StaticToken {
-        name: "reader".to_owned(),
-        token: TOKEN.to_owned(),
-        scopes: vec!["read".to_owned()],
-        worlds: None,
-    }];
-
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
-    for result in appender
-        .append_batch(&worldline_tests::fixture::events())
-        .await
-    {
-        result.unwrap();
-    }
-    let all = worldline_projectors::registry::all();
-    let projectors: Vec<_> = all.iter().map(|p| env.start_projector(p.clone())).collect();
-    for projector in &all {
-        let env = &env;
-        eventually(
-            Duration::from_secs(60),
-            &format!("{} to catch up", projector.name()),
-            || async move {
-                env.caught_up(projector.name(), projector.as_ref())
-                    .await
-                    .then_some(())
-            },
-        )
-        .await;
-    }
-
-    let shutdown = CancellationToken::new();
-    let app = worldline_query_api::build_with_shutdown(
-        &env.settings,
-        Health::default(),
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
-    let (addr, _task) =
-        worldline_ops::health::serve(SocketAddr::from(([127, 0, 0, 1], 0)), app, shutdown.clone())
-            .await
-            .unwrap();
-    let base = format!("http://{addr}");
-    let http = reqwest::Client::new();
+    env.settings.auth.tokens = vec![read_token("reader", TOKEN)];
+    let pipeline = Pipeline::over(env, &fixture::events()).await;
+    let env = &pipeline.env;
+    let server = Server::query_api(&env.settings).await;
 
     // (a) Every documented read endpoint answers 200 from the reader's pool.
-    let doc: Value = http
-        .get(format!("{base}/openapi.json"))
-        .send()
+    let doc: Value = server
+        .get("/openapi.json", None)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -164,12 +87,7 @@ async fn on_the_read_only_role_every_endpoint_answers_and_no_write_gets_through(
             continue;
         }
         let path = concrete(template, operation);
-        let mut response = http
-            .get(format!("{base}{path}"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
+        let mut response = server.get(&path, Some(TOKEN)).await;
         let status = response.status();
         let content_type = response.headers()["content-type"]
             .to_str()
@@ -197,25 +115,16 @@ async fn on_the_read_only_role_every_endpoint_answers_and_no_write_gets_through(
     assert!(checked >= 13, "only {checked} endpoints in the document");
 
     // The progress listener reads the projectors' offsets as the reader too.
-    let clock = http
-        .get(format!("{base}/v1/worlds/emberfall/clock"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let clock = server.get("/v1/worlds/emberfall/clock", Some(TOKEN)).await;
     let position: i64 = clock.headers()["x-worldline-position"]
         .to_str()
         .unwrap()
         .parse()
         .unwrap();
     assert!(position > 0, "position {position}");
-    let ready = format!("{base}/readyz");
-    eventually(Duration::from_secs(10), "readiness", || {
-        let (http, ready) = (http.clone(), ready.clone());
-        async move {
-            let response = http.get(ready).send().await.ok()?;
-            (response.status() == StatusCode::OK).then_some(())
-        }
+    eventually(Duration::from_secs(10), "readiness", || async {
+        let response = server.http.get(server.url("/readyz")).send().await.ok()?;
+        (response.status() == StatusCode::OK).then_some(())
     })
     .await;
 
@@ -261,15 +170,9 @@ async fn on_the_read_only_role_every_endpoint_answers_and_no_write_gets_through(
         tx.rollback().await.unwrap();
     }
     pool.close().await;
-    let worlds: i64 = sqlx::query_scalar("SELECT count(*) FROM worlds.worlds")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+    let worlds = env.scalar("SELECT count(*) FROM worlds.worlds").await;
     assert_eq!(worlds, 3, "the read model is untouched");
 
-    shutdown.cancel();
-    for running in projectors {
-        running.stop().await;
-    }
-    env.cleanup().await;
+    server.stop();
+    pipeline.stop().await;
 }

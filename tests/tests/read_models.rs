@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use worldline_producers::{Appender, AppenderOptions};
 use worldline_projectors::read_models::inference::InferenceProjector;
 use worldline_projectors::read_models::story::StoryProjector;
 use worldline_projectors::read_models::weather::WeatherProjector;
@@ -15,33 +14,10 @@ use worldline_schemas::WorldId;
 use worldline_schemas::envelope::new_envelope;
 use worldline_schemas::pb::envelope::Body;
 use worldline_schemas::pb::{
-    ClockTicked, Envelope, InferenceOutcome, InferencePurpose, InferenceRecorded, Season,
-    StoryChoiceMade, WeatherChanged, WeatherCondition, WorldCreated, WorldPaused,
+    Envelope, InferenceOutcome, InferencePurpose, InferenceRecorded, StoryChoiceMade,
+    WeatherCondition, WorldPaused,
 };
-use worldline_tests::{TestEnv, eventually};
-
-fn weather(
-    world: &WorldId,
-    tick: u64,
-    region: &str,
-    condition: WeatherCondition,
-    previous: WeatherCondition,
-) -> Envelope {
-    new_envelope(
-        world,
-        tick,
-        "weather",
-        Body::WeatherChanged(WeatherChanged {
-            region: region.to_owned(),
-            condition: condition as i32,
-            temperature_dc: 125,
-            wind_dmps: 40,
-            precipitation_dmmph: 0,
-            previous_condition: previous as i32,
-            ..Default::default()
-        }),
-    )
-}
+use worldline_tests::{TestEnv, eventually, fixture, pipeline};
 
 fn choice(
     world: &WorldId,
@@ -89,55 +65,23 @@ fn inference(world: &WorldId, tick: u64, latency_ms: u32, outcome: InferenceOutc
     envelope
 }
 
-async fn scalar(env: &TestEnv, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(&env.pool).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_a_mixed_workload_with_redeliveries_then_every_read_model_counts_each_event_once() {
     let env = TestEnv::new(2).await;
     let world = WorldId::parse("emberfall").unwrap();
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
+    let appender = env.appender();
     use WeatherCondition::{Clear, Rain, Snow, Unspecified};
-    let created = new_envelope(
-        &world,
-        0,
-        "admin",
-        Body::WorldCreated(WorldCreated {
-            display_name: "Emberfall".to_owned(),
-            seed: 42,
-            time_scale: 60,
-            tick_interval_ms: 1000,
-            regions: vec!["north".to_owned(), "coast".to_owned()],
-        }),
-    );
-    let ticks: Vec<Envelope> = (1..=30)
-        .map(|t| {
-            new_envelope(
-                &world,
-                t,
-                "clock",
-                Body::ClockTicked(ClockTicked {
-                    game_time_s: t * 60,
-                    day: 0,
-                    season: Season::Spring as i32,
-                    time_scale: 60,
-                }),
-            )
-        })
-        .collect();
+    let created = fixture::created(&world, "Emberfall", &["north", "coast"]);
+    let ticks: Vec<Envelope> = (1..=30).map(|t| fixture::tick(&world, t)).collect();
+    // Every change at 12.5 °C and 4 m/s.
+    let weather = |tick, region, condition, previous| {
+        fixture::weather_changed(&world, tick, region, condition, previous, 125, 40)
+    };
     let weather_events = [
-        weather(&world, 1, "north", Clear, Unspecified),
-        weather(&world, 1, "coast", Rain, Unspecified),
-        weather(&world, 10, "north", Snow, Clear),
-        weather(&world, 20, "north", Clear, Snow),
+        weather(1, "north", Clear, Unspecified),
+        weather(1, "coast", Rain, Unspecified),
+        weather(10, "north", Snow, Clear),
+        weather(20, "north", Clear, Snow),
     ];
     let choices = [
         choice(&world, 3, "ayla", "start", "help", "camp"),
@@ -162,9 +106,7 @@ async fn given_a_mixed_workload_with_redeliveries_then_every_read_model_counts_e
         inferences[1].clone(),
     ];
     all.extend(redelivered.iter().cloned());
-    for result in appender.append_batch(&all).await {
-        result.unwrap();
-    }
+    pipeline::append(&appender, &all).await;
 
     let projectors: Vec<Arc<dyn Projector>> = vec![
         Arc::new(WorldsProjector),
@@ -284,8 +226,7 @@ async fn given_a_mixed_workload_with_redeliveries_then_every_read_model_counts_e
         ]
     );
     assert_eq!(
-        scalar(
-            &env,
+        env.scalar(
             "SELECT times FROM story.node_tallies WHERE node_id = 'start' AND choice_id = 'help'"
         )
         .await,
@@ -307,7 +248,8 @@ async fn given_a_mixed_workload_with_redeliveries_then_every_read_model_counts_e
     .await
     .unwrap();
     assert_eq!(
-        scalar(&env, "SELECT count(*) FROM inference.model_stats").await,
+        env.scalar("SELECT count(*) FROM inference.model_stats")
+            .await,
         1
     );
     assert_eq!(stats.0, 3);
@@ -358,20 +300,7 @@ async fn given_a_world_created_twice_when_the_creations_fall_in_separate_batches
  {
     let env = TestEnv::new(1).await;
     let world = WorldId::parse("twice").unwrap();
-    let created = |name: &str| {
-        new_envelope(
-            &world,
-            0,
-            "admin",
-            Body::WorldCreated(WorldCreated {
-                display_name: name.to_owned(),
-                seed: 7,
-                time_scale: 60,
-                tick_interval_ms: 1000,
-                regions: vec!["north".to_owned()],
-            }),
-        )
-    };
+    let created = |name: &str| fixture::world_created(&world, name, 7, &["north"]);
     // Created, paused, then created again by a client retrying with a new
     // event id: the second creation must change nothing, wherever a batch ends.
     let log = [

@@ -6,21 +6,20 @@
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use worldline_ops::Health;
-use worldline_ops::config::StaticToken;
 use worldline_producers::gateway::{GatewayState, router as gateway_router};
-use worldline_producers::{Appender, AppenderOptions};
 use worldline_schemas::WorldId;
 use worldline_schemas::envelope::new_envelope;
 use worldline_schemas::pb::WorldCreated;
 use worldline_schemas::pb::envelope::Body;
-use worldline_tests::{Running, TestEnv, eventually};
+use worldline_tests::api::{Server, token};
+use worldline_tests::pipeline::Pipeline;
+use worldline_tests::{TestEnv, eventually};
 
 const WORLD: &str = "emberfall";
 const TOKEN: &str = "ryw-token";
@@ -28,11 +27,8 @@ const BOUND_MS: u64 = 1500;
 const READY_MAX_LAG: u64 = 5;
 
 struct Served {
-    env: TestEnv,
-    projectors: Vec<Running>,
-    shutdown: CancellationToken,
-    base: String,
-    http: reqwest::Client,
+    pipeline: Pipeline,
+    server: Server,
 }
 
 async fn serve(run_projectors: bool) -> Served {
@@ -43,27 +39,19 @@ async fn serve(run_projectors: bool) -> Served {
 /// names go on running once every schema exists, the others are stopped.
 async fn serve_with(configure: impl FnOnce(&mut TestEnv), keep: impl Fn(&str) -> bool) -> Served {
     let mut env = TestEnv::new(2).await;
-    env.settings.auth.tokens.push(StaticToken {
-        name: "game".to_owned(),
-        token: TOKEN.to_owned(),
-        scopes: vec!["read".to_owned(), "ingest".to_owned()],
-        worlds: None,
-    });
+    env.settings
+        .auth
+        .tokens
+        .push(token("game", TOKEN, &["read", "ingest"], None));
     env.settings.http.read_your_writes_timeout_ms = BOUND_MS;
     // Low, so the lag test can push a projector past it.
     env.settings.http.ready_max_lag_records = READY_MAX_LAG;
     configure(&mut env);
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
     let world = WorldId::parse(WORLD).unwrap();
-    appender
-        .append(&new_envelope(
+    // The schemas (and projector_offsets) exist once each projector has run.
+    let mut pipeline = Pipeline::over(
+        env,
+        &[new_envelope(
             &world,
             0,
             "test",
@@ -74,76 +62,51 @@ async fn serve_with(configure: impl FnOnce(&mut TestEnv), keep: impl Fn(&str) ->
                 tick_interval_ms: 1000,
                 regions: vec!["north".to_owned()],
             }),
-        ))
+        )],
+    )
+    .await;
+    pipeline.stop_projectors_except(keep).await;
+    let settings = &pipeline.env.settings;
+    let query = worldline_query_api::build(settings, Health::default())
         .await
         .unwrap();
-    let all = worldline_projectors::registry::all();
-    // The schemas (and projector_offsets) exist once each projector has run.
-    let projectors: Vec<Running> = all.iter().map(|p| env.start_projector(p.clone())).collect();
-    for projector in &all {
-        let env = &env;
-        eventually(
-            Duration::from_secs(60),
-            &format!("{} to catch up", projector.name()),
-            || async move {
-                env.caught_up(projector.name(), projector.as_ref())
-                    .await
-                    .then_some(())
-            },
-        )
-        .await;
-    }
-    let mut kept = Vec::new();
-    for (projector, running) in all.iter().zip(projectors) {
-        if keep(projector.name()) {
-            kept.push(running);
-        } else {
-            running.stop().await;
-        }
-    }
-    let projectors = kept;
-    let query = worldline_query_api::build(&env.settings, Health::default())
-        .await
-        .unwrap();
-    let gateway = GatewayState::from_settings(&env.settings).unwrap();
+    let gateway = GatewayState::from_settings(settings).unwrap();
     let app = query.merge(gateway_router(gateway));
-    let shutdown = CancellationToken::new();
-    let (addr, _task) =
-        worldline_ops::health::serve(SocketAddr::from(([127, 0, 0, 1], 0)), app, shutdown.clone())
-            .await
-            .unwrap();
-    Served {
-        env,
-        projectors,
-        shutdown,
-        base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
-    }
+    let server = Server::start(app, CancellationToken::new()).await;
+    Served { pipeline, server }
 }
 
 impl Served {
-    /// Appends a story choice through the gateway; returns its consistency token.
-    async fn choose(&self, player: &str) -> String {
+    /// Posts `body` to the world's events through the gateway; returns the
+    /// append's consistency token.
+    async fn post_events(&self, body: &Value) -> String {
         let response = self
+            .server
             .http
-            .post(format!("{}/v1/worlds/{WORLD}/events", self.base))
+            .post(self.server.url(&format!("/v1/worlds/{WORLD}/events")))
             .bearer_auth(TOKEN)
-            .json(&json!({
-                "type": "StoryChoiceMade",
-                "world_tick": 1,
-                "data": {
-                    "player_id": player,
-                    "story_id": "intro",
-                    "node_id": "start",
-                    "choice_id": "wave",
-                }
-            }))
+            .json(body)
             .send()
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK, "append");
         let body: Value = response.json().await.unwrap();
         body["consistency_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Appends a story choice through the gateway; returns its consistency token.
+    async fn choose(&self, player: &str) -> String {
+        self.post_events(&json!({
+            "type": "StoryChoiceMade",
+            "world_tick": 1,
+            "data": {
+                "player_id": player,
+                "story_id": "intro",
+                "node_id": "start",
+                "choice_id": "wave",
+            }
+        }))
+        .await
     }
 
     /// Appends, in one batch, a clock tick, a weather change, a story choice of
@@ -151,68 +114,67 @@ impl Served {
     async fn append_everywhere(&self, tick: u64, player: &str) -> String {
         let event =
             |kind: &str, data: Value| json!({"type": kind, "world_tick": tick, "data": data});
-        let response = self
+        self.post_events(&json!({"events": [
+            event("ClockTicked", json!({
+                "game_time_s": tick * 60, "day": 1, "season": "spring", "time_scale": 60
+            })),
+            event("WeatherChanged", json!({
+                "region": "north", "condition": "rain", "temperature_dc": 50,
+                "wind_dmps": 10, "precipitation_dmmph": 3
+            })),
+            event("StoryChoiceMade", json!({
+                "player_id": player, "story_id": "intro", "node_id": "start",
+                "choice_id": "wave", "next_node_id": "gate"
+            })),
+            event("InferenceRecorded", json!({
+                "model_id": "npc-chat", "model_version": "1", "purpose": "npc_dialogue",
+                "prompt_tokens": 10, "completion_tokens": 5, "latency_ms": 40,
+                "cost_micro_usd": 7, "outcome": "ok"
+            })),
+        ]}))
+        .await
+    }
+
+    /// GETs `path` with the read token and the consistency token `token`.
+    async fn get_consistent(&self, path: &str, token: &str) -> reqwest::Response {
+        self.server
             .http
-            .post(format!("{}/v1/worlds/{WORLD}/events", self.base))
+            .get(self.server.url(path))
             .bearer_auth(TOKEN)
-            .json(&json!({"events": [
-                event("ClockTicked", json!({
-                    "game_time_s": tick * 60, "day": 1, "season": "spring", "time_scale": 60
-                })),
-                event("WeatherChanged", json!({
-                    "region": "north", "condition": "rain", "temperature_dc": 50,
-                    "wind_dmps": 10, "precipitation_dmmph": 3
-                })),
-                event("StoryChoiceMade", json!({
-                    "player_id": player, "story_id": "intro", "node_id": "start",
-                    "choice_id": "wave", "next_node_id": "gate"
-                })),
-                event("InferenceRecorded", json!({
-                    "model_id": "npc-chat", "model_version": "1", "purpose": "npc_dialogue",
-                    "prompt_tokens": 10, "completion_tokens": 5, "latency_ms": 40,
-                    "cost_micro_usd": 7, "outcome": "ok"
-                })),
-            ]}))
+            .header("X-Consistency-Token", token)
             .send()
             .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK, "append");
-        let body: Value = response.json().await.unwrap();
-        body["consistency_token"].as_str().unwrap().to_owned()
+            .unwrap()
     }
 
     async fn state(&self, at_tick: u64, token: &str) -> reqwest::Response {
-        self.http
-            .get(format!(
-                "{}/v1/worlds/{WORLD}/state?at_tick={at_tick}",
-                self.base
-            ))
-            .bearer_auth(TOKEN)
-            .header("X-Consistency-Token", token)
-            .send()
-            .await
-            .unwrap()
+        self.get_consistent(
+            &format!("/v1/worlds/{WORLD}/state?at_tick={at_tick}"),
+            token,
+        )
+        .await
     }
 
     async fn stories(&self, player: &str, token: &str) -> reqwest::Response {
-        self.http
-            .get(format!(
-                "{}/v1/worlds/{WORLD}/players/{player}/stories",
-                self.base
-            ))
-            .bearer_auth(TOKEN)
-            .header("X-Consistency-Token", token)
+        self.get_consistent(
+            &format!("/v1/worlds/{WORLD}/players/{player}/stories"),
+            token,
+        )
+        .await
+    }
+
+    /// `/readyz`, which needs no token.
+    async fn ready(&self) -> reqwest::Result<reqwest::Response> {
+        self.server
+            .http
+            .get(self.server.url("/readyz"))
             .send()
             .await
-            .unwrap()
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        for running in self.projectors {
-            running.stop().await;
-        }
-        self.env.cleanup().await;
+        self.server.stop();
+        self.pipeline.stop().await;
     }
 }
 
@@ -283,7 +245,7 @@ async fn every_answer_reports_the_projectors_lag_and_readiness_follows_it() {
     // Caught up: the projector recorded the log end it saw, and nothing is left.
     let response = served.stories("lagging", &token).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let pool = served.env.pool.clone();
+    let pool = served.pipeline.env.pool.clone();
     eventually(
         Duration::from_secs(15),
         "story's log ends to be recorded",
@@ -308,12 +270,7 @@ async fn every_answer_reports_the_projectors_lag_and_readiness_follows_it() {
         (lag_of(&response) == 0).then_some(())
     })
     .await;
-    let ready = served
-        .http
-        .get(format!("{}/readyz", served.base))
-        .send()
-        .await
-        .unwrap();
+    let ready = served.ready().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK, "ready while caught up");
 
     // An instance has seen twelve more records on a story partition than were
@@ -324,7 +281,7 @@ async fn every_answer_reports_the_projectors_lag_and_readiness_follows_it() {
           WHERE o.topic = e.topic AND o.partition = e.partition
             AND e.partition = (SELECT min(partition) FROM story.projector_offsets)",
     )
-    .execute(&served.env.pool)
+    .execute(&served.pipeline.env.pool)
     .await
     .unwrap();
     eventually(
@@ -340,12 +297,7 @@ async fn every_answer_reports_the_projectors_lag_and_readiness_follows_it() {
         Duration::from_secs(10),
         "/readyz to fail on lag",
         || async {
-            let ready = served
-                .http
-                .get(format!("{}/readyz", served.base))
-                .send()
-                .await
-                .ok()?;
+            let ready = served.ready().await.ok()?;
             let status = ready.status();
             let body = ready.text().await.ok()?;
             (status == StatusCode::SERVICE_UNAVAILABLE
@@ -390,13 +342,8 @@ async fn a_state_query_waits_for_the_story_read_model_not_only_for_worlds() {
     let mut served = serve_with(|_| {}, |name| name != "story").await;
     let token = served.choose("waiting").await;
     let summary = served
-        .http
-        .get(format!("{}/v1/worlds/{WORLD}", served.base))
-        .bearer_auth(TOKEN)
-        .header("X-Consistency-Token", &token)
-        .send()
-        .await
-        .unwrap();
+        .get_consistent(&format!("/v1/worlds/{WORLD}"), &token)
+        .await;
     assert_eq!(summary.status(), StatusCode::OK, "worlds has the choice");
     let stale = served.state(u64::MAX >> 1, &token).await;
     assert_eq!(stale.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -408,7 +355,8 @@ async fn a_state_query_waits_for_the_story_read_model_not_only_for_worlds() {
     );
 
     let story = worldline_projectors::registry::by_name("story").unwrap();
-    served.projectors.push(served.env.start_projector(story));
+    let restarted = served.pipeline.env.start_projector(story);
+    served.pipeline.projectors.push(restarted);
     // The restarted projector first rejoins its group; until it has applied
     // the choice the answer stays a 503, never a state without it.
     let state = eventually(Duration::from_secs(60), "the story read model", || async {

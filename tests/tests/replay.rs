@@ -6,48 +6,23 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use reqwest::{StatusCode, Url};
+use reqwest::StatusCode;
 use serde_json::Value;
 use sqlx::AssertSqlSafe;
 use tokio_util::sync::CancellationToken;
-use worldline_ops::Health;
-use worldline_ops::config::StaticToken;
-use worldline_producers::{Appender, AppenderOptions};
 use worldline_projectors::registry;
 use worldline_projectors::replay::{Progress, Rebuild, ReplayError, replay_together};
-use worldline_tests::TestEnv;
+use worldline_tests::api::{READER_ROLE, Server, read_token, reader_url};
 use worldline_tests::workload::Workload;
+use worldline_tests::{TestEnv, pipeline};
 
-/// The role the stack scripts create for the query API.
-const READER_ROLE: &str = "worldline_reader";
 const TOKEN: &str = "replay-reader";
-
-/// The reader's URL for this test's database: the stack's reader URL when the
-/// environment has one (its user and password), else the owner's URL with the
-/// reader's name (the stack scripts give both roles the same password).
-fn reader_url(owner_url: &str) -> String {
-    let mut url = Url::parse(owner_url).unwrap();
-    let configured = std::env::var("WORLDLINE__DATABASE__READER_URL")
-        .ok()
-        .and_then(|u| Url::parse(&u).ok());
-    let (user, password) = match &configured {
-        Some(reader) if reader.username() == READER_ROLE => (
-            reader.username().to_owned(),
-            reader.password().map(str::to_owned),
-        ),
-        _ => (READER_ROLE.to_owned(), url.password().map(str::to_owned)),
-    };
-    url.set_username(&user).unwrap();
-    url.set_password(password.as_deref()).unwrap();
-    url.into()
-}
 
 /// Stored next offsets of `schema`, summed (0 when it has none or does not exist).
 async fn stored_total(env: &TestEnv, schema: &str) -> i64 {
@@ -105,36 +80,11 @@ fn last_progress(stderr: &str) -> Option<(i64, i64)> {
     Some((done.trim().parse().ok()?, target.parse().ok()?))
 }
 
-fn appender(env: &TestEnv) -> Appender {
-    Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap()
-}
-
-async fn wait_caught_up(env: &TestEnv) {
-    for projector in registry::all() {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !env.caught_up(projector.name(), projector.as_ref()).await {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} behind",
-                projector.name()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_live_traffic_when_a_read_model_is_replayed_then_queries_never_see_less_and_nothing_is_doubled()
  {
     let env = TestEnv::new(4).await;
-    let appender = appender(&env);
+    let appender = env.appender();
     let workload = Arc::new(Mutex::new(Workload::new(8, 21)));
     let mut appended: HashMap<String, i64> = HashMap::new();
     let count = |appended: &mut HashMap<String, i64>, batch: &[worldline_schemas::pb::Envelope]| {
@@ -148,15 +98,10 @@ async fn given_live_traffic_when_a_read_model_is_replayed_then_queries_never_see
         batch.extend(w.next_batch(4000));
         batch
     };
-    for r in appender.append_batch(&first).await {
-        r.unwrap();
-    }
+    pipeline::append(&appender, &first).await;
     count(&mut appended, &first);
-    let live: Vec<_> = registry::all()
-        .into_iter()
-        .map(|p| env.start_projector(p))
-        .collect();
-    wait_caught_up(&env).await;
+    let live = env.start_all_projectors();
+    env.wait_all_caught_up().await;
 
     // The query API on the read-only role, granted what `worldline migrate`
     // grants it on the live schemas; the replay must give the same to the
@@ -167,64 +112,36 @@ async fn given_live_traffic_when_a_read_model_is_replayed_then_queries_never_see
             format!("GRANT USAGE ON SCHEMA {schema} TO {READER_ROLE}"),
             format!("GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {READER_ROLE}"),
         ] {
-            sqlx::query(AssertSqlSafe(statement))
-                .execute(&env.pool)
-                .await
-                .unwrap();
+            env.execute(&statement).await;
         }
     }
     let mut api_settings = env.settings.clone();
     api_settings.database.reader_url = Some(reader_url(&env.settings.database.url));
-    api_settings.auth.tokens = vec![StaticToken {
-        name: "reader".to_owned(),
-        token: TOKEN.to_owned(),
-        scopes: vec!["read".to_owned()],
-        worlds: None,
-    }];
-    let api_shutdown = CancellationToken::new();
-    let app = worldline_query_api::build_with_shutdown(
-        &api_settings,
-        Health::default(),
-        api_shutdown.clone(),
-    )
-    .await
-    .unwrap();
-    let (addr, _served) = worldline_ops::health::serve(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        app,
-        api_shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    api_settings.auth.tokens = vec![read_token("reader", TOKEN)];
+    let server = Server::query_api(&api_settings).await;
     let api_reader = {
         let stop = Arc::new(AtomicBool::new(false));
-        let base = format!("http://{addr}");
+        let base = server.base.clone();
         (
             stop.clone(),
             tokio::spawn(async move {
                 let http = reqwest::Client::new();
+                let read = |path: &'static str| {
+                    let request = http.get(format!("{base}{path}")).bearer_auth(TOKEN);
+                    async move {
+                        let response = request.send().await.unwrap();
+                        let status = response.status();
+                        let body: Value = response.json().await.unwrap();
+                        assert_eq!(status, StatusCode::OK, "{path} during the rebuild: {body}");
+                        body
+                    }
+                };
                 let (mut clock_events_seen, mut tick_seen, mut requests) = (0i64, 0i64, 0u64);
                 while !stop.load(Ordering::SeqCst) {
-                    let world = http
-                        .get(format!("{base}/v1/worlds/w-000"))
-                        .bearer_auth(TOKEN)
-                        .send()
-                        .await
-                        .unwrap();
-                    let status = world.status();
-                    let body: Value = world.json().await.unwrap();
-                    assert_eq!(status, StatusCode::OK, "world during the rebuild: {body}");
-                    let clock_events = body["events"]["clock"].as_i64().unwrap();
-                    let clock = http
-                        .get(format!("{base}/v1/worlds/w-000/clock"))
-                        .bearer_auth(TOKEN)
-                        .send()
-                        .await
-                        .unwrap();
-                    let status = clock.status();
-                    let body: Value = clock.json().await.unwrap();
-                    assert_eq!(status, StatusCode::OK, "clock during the rebuild: {body}");
-                    let tick = body["tick"].as_i64().unwrap();
+                    let world = read("/v1/worlds/w-000").await;
+                    let clock_events = world["events"]["clock"].as_i64().unwrap();
+                    let clock = read("/v1/worlds/w-000/clock").await;
+                    let tick = clock["tick"].as_i64().unwrap();
                     assert!(
                         clock_events >= clock_events_seen && clock_events > 0,
                         "the API saw {clock_events} clock events after {clock_events_seen}"
@@ -288,9 +205,7 @@ async fn given_live_traffic_when_a_read_model_is_replayed_then_queries_never_see
             let mut appended: HashMap<String, i64> = HashMap::new();
             for _ in 0..40 {
                 let batch = workload.lock().unwrap().next_batch(100);
-                for r in appender.append_batch(&batch).await {
-                    r.unwrap();
-                }
+                pipeline::append(&appender, &batch).await;
                 for e in &batch {
                     *appended.entry(e.world_id.clone()).or_default() += 1;
                 }
@@ -310,7 +225,7 @@ async fn given_live_traffic_when_a_read_model_is_replayed_then_queries_never_see
     for (world, n) in writer.await.unwrap() {
         *appended.entry(world).or_default() += n;
     }
-    wait_caught_up(&env).await;
+    env.wait_all_caught_up().await;
     stop_reading.store(true, Ordering::SeqCst);
     let queries = reader.await.unwrap();
     assert!(
@@ -323,7 +238,7 @@ async fn given_live_traffic_when_a_read_model_is_replayed_then_queries_never_see
         requests > 20,
         "the API was queried throughout ({requests} rounds)"
     );
-    api_shutdown.cancel();
+    server.stop();
 
     let schemas: Vec<String> = sqlx::query_scalar(
         "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'worlds%' OR nspname LIKE 'clock%' ORDER BY 1",
@@ -358,27 +273,20 @@ async fn given_live_traffic_when_a_read_model_is_replayed_then_queries_never_see
             "{name}: every key and index of a migrated schema"
         );
     }
-    for running in live {
-        running.stop().await;
-    }
+    pipeline::stop_all(live).await;
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_reports_no_difference_for_a_correct_read_model_and_names_a_tampered_table() {
     let env = TestEnv::new(2).await;
-    let appender = appender(&env);
+    let appender = env.appender();
     let mut workload = Workload::new(4, 5);
     let mut batch = workload.creations();
     batch.extend(workload.next_batch(1500));
-    for r in appender.append_batch(&batch).await {
-        r.unwrap();
-    }
-    let live: Vec<_> = registry::all()
-        .into_iter()
-        .map(|p| env.start_projector(p))
-        .collect();
-    wait_caught_up(&env).await;
+    pipeline::append(&appender, &batch).await;
+    let live = env.start_all_projectors();
+    env.wait_all_caught_up().await;
     let shutdown = CancellationToken::new();
     let story = registry::by_name("story").unwrap();
     let rebuild = Rebuild::new(&env.settings, env.pool.clone(), story, "verify").unwrap();
@@ -399,21 +307,17 @@ async fn verify_reports_no_difference_for_a_correct_read_model_and_names_a_tampe
     .await
     .unwrap();
     assert!(!leftover, "the scratch schema is dropped");
-    for running in live {
-        running.stop().await;
-    }
+    pipeline::stop_all(live).await;
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_projector_is_built_from_the_whole_history_by_replay_then_runs_live() {
     let env = TestEnv::new(2).await;
-    let appender = appender(&env);
+    let appender = env.appender();
     let mut workload = Workload::new(3, 17);
     let history = workload.next_batch(2000);
-    for r in appender.append_batch(&history).await {
-        r.unwrap();
-    }
+    pipeline::append(&appender, &history).await;
     // The read model did not exist when these events were appended.
     let projector = registry::by_name("player_activity").unwrap();
     let rebuild =
@@ -452,9 +356,7 @@ async fn a_new_projector_is_built_from_the_whole_history_by_replay_then_runs_liv
 
     let live = env.start_projector(projector.clone());
     let more = workload.next_batch(500);
-    for r in appender.append_batch(&more).await {
-        r.unwrap();
-    }
+    pipeline::append(&appender, &more).await;
     let all: Vec<_> = history.iter().chain(more.iter()).cloned().collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while counted().await != expected(&all) {
@@ -472,14 +374,12 @@ async fn a_new_projector_is_built_from_the_whole_history_by_replay_then_runs_liv
 
 /// Appends the world creations and `events` mixed events; returns the log's size.
 async fn append_history(env: &TestEnv, worlds: usize, events: usize, seed: u64) -> i64 {
-    let appender = appender(env);
+    let appender = env.appender();
     let mut workload = Workload::new(worlds, seed);
     let mut batch = workload.creations();
     batch.extend(workload.next_batch(events));
     for chunk in batch.chunks(5000) {
-        for r in appender.append_batch(chunk).await {
-            r.unwrap();
-        }
+        pipeline::append(&appender, chunk).await;
     }
     batch.len() as i64
 }
@@ -491,7 +391,7 @@ async fn given_a_replay_interrupted_mid_rebuild_when_run_again_then_it_resumes_t
     let total = append_history(&env, 6, 12_000, 3).await;
     let worlds = registry::by_name("worlds").unwrap();
     let live = env.start_projector(worlds.clone());
-    wait_caught_up_one(&env, "worlds").await;
+    env.wait_caught_up(worlds.as_ref()).await;
     // Small batches, so the rebuild commits many times before it is done.
     let mut settings = env.settings.clone();
     settings.projector.batch_max_records = 4;
@@ -543,15 +443,6 @@ async fn given_a_replay_interrupted_mid_rebuild_when_run_again_then_it_resumes_t
         indexes(&env, "worlds_rebuild").await
     );
     env.cleanup().await;
-}
-
-async fn wait_caught_up_one(env: &TestEnv, name: &str) {
-    let projector = registry::by_name(name).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !env.caught_up(name, projector.as_ref()).await {
-        assert!(Instant::now() < deadline, "{name} behind");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

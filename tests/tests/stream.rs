@@ -4,72 +4,33 @@
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use worldline_ops::Health;
-use worldline_producers::{Appender, AppenderOptions};
 use worldline_query_api::AppState;
 use worldline_schemas::WorldId;
 use worldline_schemas::envelope::new_envelope;
 use worldline_schemas::pb::envelope::Body;
-use worldline_schemas::pb::{
-    ClockTicked, Envelope, Season, StoryChoiceMade, WeatherChanged, WeatherCondition, WorldCreated,
-};
-use worldline_tests::{Running, TestEnv, eventually};
+use worldline_schemas::pb::{Envelope, StoryChoiceMade, WeatherCondition};
+use worldline_tests::TestEnv;
+use worldline_tests::api::Server;
+use worldline_tests::fixture::{self, tick};
+use worldline_tests::pipeline::Pipeline;
 
 /// How long a single event may take to arrive before the test gives up
 /// (a guard against hanging, not a performance assertion).
 const EVENT_WAIT: Duration = Duration::from_secs(60);
 
 fn created(world: &WorldId) -> Envelope {
-    new_envelope(
-        world,
-        0,
-        "admin",
-        Body::WorldCreated(WorldCreated {
-            display_name: "Emberfall".to_owned(),
-            seed: 7,
-            time_scale: 60,
-            tick_interval_ms: 1000,
-            regions: vec!["north".to_owned(), "coast".to_owned()],
-        }),
-    )
-}
-
-fn tick(world: &WorldId, tick: u64) -> Envelope {
-    new_envelope(
-        world,
-        tick,
-        "clock",
-        Body::ClockTicked(ClockTicked {
-            game_time_s: tick * 60,
-            day: 0,
-            season: Season::Spring as i32,
-            time_scale: 60,
-        }),
-    )
+    fixture::world_created(world, "Emberfall", 7, &["north", "coast"])
 }
 
 fn weather(world: &WorldId, tick: u64, region: &str, condition: WeatherCondition) -> Envelope {
-    new_envelope(
-        world,
-        tick,
-        "weather",
-        Body::WeatherChanged(WeatherChanged {
-            region: region.to_owned(),
-            condition: condition as i32,
-            temperature_dc: 120,
-            wind_dmps: 30,
-            precipitation_dmmph: 0,
-            previous_condition: WeatherCondition::Unspecified as i32,
-            ..WeatherChanged::default()
-        }),
-    )
+    let previous = WeatherCondition::Unspecified;
+    fixture::weather_changed(world, tick, region, condition, previous, 120, 30)
 }
 
 fn choice(world: &WorldId, tick: u64, player: &str) -> Envelope {
@@ -181,82 +142,36 @@ fn has_weather(events: &[SseEvent], region: &str, condition: &str) -> bool {
 
 /// The pipeline and the API, running.
 struct Served {
-    env: TestEnv,
-    appender: Appender,
-    projectors: Vec<Running>,
-    shutdown: CancellationToken,
-    server: JoinHandle<std::io::Result<()>>,
-    base: String,
-    http: reqwest::Client,
+    pipeline: Pipeline,
+    server: Server,
 }
 
 impl Served {
     async fn start(initial: &[Envelope]) -> Served {
-        let env = TestEnv::new(1).await;
-        let appender = Appender::new(
-            &env.settings.kafka,
-            AppenderOptions {
-                topic_prefix: env.settings.topics.prefix.clone(),
-                ..AppenderOptions::default()
-            },
-        )
-        .unwrap();
-        let projectors = worldline_projectors::registry::all()
-            .iter()
-            .map(|p| env.start_projector(p.clone()))
-            .collect();
+        let pipeline = Pipeline::running(TestEnv::new(1).await);
         let shutdown = CancellationToken::new();
         let app = worldline_query_api::app_with_shutdown(
-            AppState::new(env.pool.clone()),
+            AppState::new(pipeline.env.pool.clone()),
             Health::default(),
             &|_, routes| routes,
             shutdown.clone(),
         );
-        let (addr, server) = worldline_ops::health::serve(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            app,
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        let served = Served {
-            env,
-            appender,
-            projectors,
-            shutdown,
-            server,
-            base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
-        };
+        let server = Server::start(app, shutdown).await;
+        let served = Served { pipeline, server };
         served.append(initial).await;
         served
     }
 
     /// Appends `events` and waits until every projector has applied them.
     async fn append(&self, events: &[Envelope]) {
-        for result in self.appender.append_batch(events).await {
-            result.unwrap();
-        }
-        for projector in worldline_projectors::registry::all() {
-            let env = &self.env;
-            let projector = &projector;
-            eventually(
-                Duration::from_secs(60),
-                &format!("{} to catch up", projector.name()),
-                || async move {
-                    env.caught_up(projector.name(), projector.as_ref())
-                        .await
-                        .then_some(())
-                },
-            )
-            .await;
-        }
+        self.pipeline.apply(events).await;
     }
 
     async fn open(&self, path: &str, last_event_id: Option<&str>) -> reqwest::Response {
         let mut request = self
+            .server
             .http
-            .get(format!("{}{path}", self.base))
+            .get(self.server.url(path))
             .header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id);
@@ -278,11 +193,8 @@ impl Served {
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        for projector in self.projectors {
-            projector.stop().await;
-        }
-        self.env.cleanup().await;
+        self.server.stop();
+        self.pipeline.stop().await;
     }
 }
 
@@ -377,7 +289,7 @@ async fn changes_stream_live_and_resume_after_the_last_event_id_without_gaps_or_
     assert_eq!(ids.len(), missed.len());
 
     // Shutdown ends the open stream and lets the server finish.
-    served.shutdown.cancel();
+    served.server.stop();
     if let Some(event) = resumed.next().await {
         panic!("no event after shutdown, got {event:?}");
     }
@@ -385,14 +297,9 @@ async fn changes_stream_live_and_resume_after_the_last_event_id_without_gaps_or_
 }
 
 /// Waits for the server task (it must finish once streams end), then cleans up.
-async fn stop_and_join(mut served: Served) {
-    let server = std::mem::replace(&mut served.server, tokio::spawn(async { Ok(()) }));
-    tokio::time::timeout(Duration::from_secs(30), server)
-        .await
-        .expect("the server finishes after shutdown")
-        .unwrap()
-        .unwrap();
-    served.stop().await;
+async fn stop_and_join(served: Served) {
+    served.server.join().await;
+    served.pipeline.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,11 +334,9 @@ async fn bad_stream_requests_are_problems_not_streams() {
         );
     }
     let doc: Value = served
-        .http
-        .get(format!("{}/openapi.json", served.base))
-        .send()
+        .server
+        .get("/openapi.json", None)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

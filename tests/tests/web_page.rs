@@ -15,29 +15,22 @@
 
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio_util::sync::CancellationToken;
-use worldline_ops::Health;
-use worldline_ops::config::StaticToken;
-use worldline_producers::{Appender, AppenderOptions};
-use worldline_schemas::envelope::new_envelope;
-use worldline_schemas::pb::envelope::Body;
 use worldline_schemas::pb::{
-    ClockTicked, Envelope, InferenceOutcome, InferencePurpose, Season, WeatherChanged,
-    WeatherCondition, WorldCreated,
+    Envelope, InferenceOutcome, InferencePurpose, Season, WeatherCondition,
 };
 use worldline_schemas::{Family, WorldId};
+use worldline_tests::api::{Server, listed_projectors, read_token, registered_projectors};
 use worldline_tests::fixture::{self, c, i};
-use worldline_tests::{Running, TestEnv, eventually};
+use worldline_tests::pipeline::Pipeline;
+use worldline_tests::{TestEnv, eventually};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -74,136 +67,49 @@ fn chromium_present() -> bool {
 }
 
 fn created(world: &WorldId, name: &str) -> Envelope {
-    new_envelope(
-        world,
-        0,
-        "admin",
-        Body::WorldCreated(WorldCreated {
-            display_name: name.to_owned(),
-            seed: 7,
-            time_scale: 60,
-            tick_interval_ms: 1000,
-            regions: vec!["north".to_owned(), "coast".to_owned()],
-        }),
-    )
+    fixture::world_created(world, name, 7, &["north", "coast"])
 }
 
 fn tick(world: &WorldId, tick: u64) -> Envelope {
-    new_envelope(
-        world,
-        tick,
-        "clock",
-        Body::ClockTicked(ClockTicked {
-            game_time_s: tick * 60,
-            day: 0,
-            season: Season::Summer as i32,
-            time_scale: 60,
-        }),
-    )
+    fixture::clock_ticked(world, tick, 0, Season::Summer)
 }
 
 fn weather(world: &WorldId, tick: u64, region: &str, condition: WeatherCondition) -> Envelope {
-    new_envelope(
-        world,
-        tick,
-        "weather",
-        Body::WeatherChanged(WeatherChanged {
-            region: region.to_owned(),
-            condition: condition as i32,
-            temperature_dc: 215,
-            wind_dmps: 42,
-            precipitation_dmmph: 0,
-            previous_condition: WeatherCondition::Unspecified as i32,
-            ..WeatherChanged::default()
-        }),
-    )
+    let previous = WeatherCondition::Unspecified;
+    fixture::weather_changed(world, tick, region, condition, previous, 215, 42)
 }
 
 /// The pipeline and the API, running.
 struct Served {
-    env: TestEnv,
-    appender: Appender,
-    projectors: Vec<Running>,
-    shutdown: CancellationToken,
-    base: String,
-    http: reqwest::Client,
+    pipeline: Pipeline,
+    server: Server,
 }
 
 impl Served {
     async fn start(initial: &[Envelope]) -> Served {
         let mut env = TestEnv::new(1).await;
-        env.settings.auth.tokens.push(StaticToken {
-            name: "page".to_owned(),
-            token: TOKEN.to_owned(),
-            scopes: vec!["read".to_owned()],
-            worlds: None,
-        });
-        let appender = Appender::new(
-            &env.settings.kafka,
-            AppenderOptions {
-                topic_prefix: env.settings.topics.prefix.clone(),
-                ..AppenderOptions::default()
-            },
-        )
-        .unwrap();
-        let projectors = worldline_projectors::registry::all()
-            .iter()
-            .map(|p| env.start_projector(p.clone()))
-            .collect();
-        let shutdown = CancellationToken::new();
+        env.settings.auth.tokens.push(read_token("page", TOKEN));
+        let pipeline = Pipeline::running(env);
         // As `worldline serve` builds it: every `/v1` route needs a token, and no
         // projector runs inside the API.
-        let app = worldline_query_api::build_with_shutdown(
-            &env.settings,
-            Health::default(),
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        let (addr, _server) = worldline_ops::health::serve(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            app,
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        let served = Served {
-            env,
-            appender,
-            projectors,
-            shutdown,
-            base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
-        };
-        served.append(initial).await;
-        served
+        let server = Server::query_api(&pipeline.env.settings).await;
+        pipeline.apply(initial).await;
+        Served { pipeline, server }
     }
 
     /// A record no build can decode, on the weather topic: the projectors
     /// reading weather dead-letter it.
     async fn poison(&self) {
-        self.env
-            .raw_producer()
-            .send(
-                FutureRecord::to(&self.env.topic(Family::Weather))
-                    .key("emberfall")
-                    .payload(&[0xde_u8, 0xad, 0xbe, 0xef][..]),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+        self.pipeline
+            .env
+            .send_raw(Family::Weather, "emberfall", &[0xde, 0xad, 0xbe, 0xef])
+            .await;
         self.append(&[]).await;
     }
 
     /// A `/v1` answer, with the page's token.
     async fn api(&self, path: &str) -> Value {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
+        let response = self.server.get(path, Some(TOKEN)).await;
         assert!(
             response.status().is_success(),
             "{path}: {}",
@@ -213,31 +119,12 @@ impl Served {
     }
 
     async fn append(&self, events: &[Envelope]) {
-        for result in self.appender.append_batch(events).await {
-            result.unwrap();
-        }
-        for projector in worldline_projectors::registry::all() {
-            let env = &self.env;
-            let projector = &projector;
-            eventually(
-                Duration::from_secs(60),
-                &format!("{} to catch up", projector.name()),
-                || async move {
-                    env.caught_up(projector.name(), projector.as_ref())
-                        .await
-                        .then_some(())
-                },
-            )
-            .await;
-        }
+        self.pipeline.apply(events).await;
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        for projector in self.projectors {
-            projector.stop().await;
-        }
-        self.env.cleanup().await;
+        self.server.stop();
+        self.pipeline.stop().await;
     }
 }
 
@@ -525,14 +412,14 @@ async fn the_page_shows_a_world_its_stats_and_projector_lag_and_updates_live() {
     page.call("Runtime.enable", json!({})).await;
 
     // Without a token every `/v1` request is refused, and the page says so.
-    let url = format!("{}/?world=emberfall", served.base);
+    let url = format!("{}/?world=emberfall", served.server.base);
     page.call("Page.navigate", json!({"url": url})).await;
     let refused = "document.getElementById('error').textContent.startsWith('401')";
     let text = page.wait_for("a 401", refused, &json!(true)).await;
     assert!(!text.contains("Emberfall (emberfall)"), "{text}");
 
     // With `?token=`, sent as a bearer token on every request.
-    let url = format!("{}/?world=emberfall&token={TOKEN}", served.base);
+    let url = format!("{}/?world=emberfall&token={TOKEN}", served.server.base);
     page.call("Page.navigate", json!({"url": url})).await;
 
     // Given the page open on a world: its name, the other world, the clock
@@ -622,18 +509,7 @@ async fn the_page_shows_a_world_its_stats_and_projector_lag_and_updates_live() {
     // Projector lag: every projector's position, lag and dead letters, as
     // `/v1/projectors` reads them from PostgreSQL (this API runs no projector).
     let status = settled_projectors(&served).await;
-    let mut names: Vec<&str> = worldline_projectors::registry::all()
-        .iter()
-        .map(|p| p.name())
-        .collect();
-    names.sort_unstable();
-    let listed: Vec<&str> = status["projectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["projector"].as_str().unwrap())
-        .collect();
-    assert_eq!(listed, names);
+    assert_eq!(listed_projectors(&status), registered_projectors());
     let expected_lag = lag_rows(&status);
     page.wait_for("the projector lag", LAG_ROWS, &expected_lag)
         .await;
@@ -678,7 +554,7 @@ async fn the_page_shows_a_world_its_stats_and_projector_lag_and_updates_live() {
     assert_eq!(page.eval(navigations).await, json!(1), "no reload happened");
 
     browser.close().await;
-    screenshot(&served.base).await;
+    screenshot(&served.server.base).await;
     served.stop().await;
 }
 

@@ -10,8 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use worldline_producers::{Appender, AppenderOptions};
-use worldline_projectors::registry;
 use worldline_projectors::world_state::{AsOf, WorldState, world_state_from_log};
 use worldline_schemas::envelope::new_envelope;
 use worldline_schemas::pb::envelope::Body;
@@ -20,7 +18,7 @@ use worldline_schemas::pb::{
     StoryChoiceMade, WeatherChanged, WeatherCondition, WorldCreated,
 };
 use worldline_schemas::{Family, WorldId};
-use worldline_tests::TestEnv;
+use worldline_tests::{TestEnv, pipeline};
 
 /// Rounds of the live run: round t holds every family's events of tick t.
 const ROUNDS: u64 = 30;
@@ -280,14 +278,7 @@ fn state_from_log(env: &TestEnv, world: &WorldId, as_of: AsOf) -> WorldState {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_folded_from_the_log_at_each_captured_tick_equals_the_read_models_at_that_tick() {
     let env = TestEnv::new(1).await;
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
+    let appender = env.appender();
     let world = WorldId::parse("w").unwrap();
     let created = at(
         &world,
@@ -301,13 +292,8 @@ async fn the_state_folded_from_the_log_at_each_captured_tick_equals_the_read_mod
             regions: vec!["north".to_owned(), "coast".to_owned()],
         }),
     );
-    for r in appender.append_batch(&[created]).await {
-        r.unwrap();
-    }
-    let live: Vec<_> = registry::all()
-        .into_iter()
-        .map(|p| env.start_projector(p))
-        .collect();
+    pipeline::append(&appender, &[created]).await;
+    let live = env.start_all_projectors();
 
     // The world runs: one round of events per tick, with a short pause between
     // rounds, while snapshots are captured whenever the read models stand
@@ -317,9 +303,7 @@ async fn the_state_folded_from_the_log_at_each_captured_tick_equals_the_read_mod
         let (appender, world, done) = (appender.clone(), world.clone(), done.clone());
         tokio::spawn(async move {
             for t in 1..=ROUNDS {
-                for r in appender.append_batch(&round(&world, t)).await {
-                    r.unwrap();
-                }
+                pipeline::append(&appender, &round(&world, t)).await;
                 tokio::time::sleep(Duration::from_millis(60)).await;
             }
             done.store(true, Ordering::SeqCst);
@@ -361,8 +345,6 @@ async fn the_state_folded_from_the_log_at_each_captured_tick_equals_the_read_mod
         assert_eq!(&Snapshot::of(&by_tick), snapshot, "as of tick {tick}");
         assert_eq!(by_time, by_tick, "as of the time of tick {tick}");
     }
-    for running in live {
-        running.stop().await;
-    }
+    pipeline::stop_all(live).await;
     Arc::try_unwrap(env).unwrap().cleanup().await;
 }

@@ -6,40 +6,32 @@
 #![allow(clippy::unwrap_used)] // a failed step should fail the test loudly
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
-use std::time::Duration;
 
-use reqwest::{StatusCode, Url};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use worldline_ops::Health;
-use worldline_producers::{Appender, AppenderOptions};
-use worldline_projectors::registry;
 use worldline_projectors::world_state::{AsOf, world_state_from_log};
 use worldline_query_api::AppState;
 use worldline_schemas::WorldId;
 use worldline_schemas::envelope::{EnvelopeExt, new_envelope};
 use worldline_schemas::pb::envelope::Body;
 use worldline_schemas::pb::{
-    ClockTicked, Envelope, InferenceOutcome, InferencePurpose, InferenceRecorded, Season,
-    StoryChoiceMade, WeatherChanged, WeatherCondition,
+    Envelope, InferenceOutcome, InferencePurpose, InferenceRecorded, Season, StoryChoiceMade,
+    WeatherChanged, WeatherCondition,
 };
+use worldline_tests::api::{Server, content_type};
 use worldline_tests::workload::Workload;
-use worldline_tests::{TestEnv, eventually};
+use worldline_tests::{TestEnv, fixture, pipeline};
 
 const WORLD: &str = "w-000";
 
 fn clock(world: &WorldId, tick: u64) -> Envelope {
-    new_envelope(
+    fixture::clock_ticked(
         world,
         tick,
-        "clock",
-        Body::ClockTicked(ClockTicked {
-            game_time_s: tick * 60,
-            day: u32::try_from(tick / 1440).unwrap(),
-            season: Season::Spring as i32,
-            time_scale: 60,
-        }),
+        u32::try_from(tick / 1440).unwrap(),
+        Season::Spring,
     )
 }
 
@@ -138,24 +130,15 @@ fn choices_made(appended: &[Envelope], tick: u64) -> Value {
 }
 
 struct Api {
-    base: Url,
-    http: reqwest::Client,
+    server: Server,
 }
 
 impl Api {
     async fn get(&self, segments: &[&str], query: &[(&str, &str)]) -> (StatusCode, String, Value) {
-        let mut url = self.base.clone();
-        url.path_segments_mut().unwrap().extend(segments);
-        if !query.is_empty() {
-            url.query_pairs_mut().extend_pairs(query);
-        }
-        let response = self.http.get(url).send().await.unwrap();
+        let url = self.server.url_of(segments, query);
+        let response = self.server.http.get(url).send().await.unwrap();
         let status = response.status();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
+        let content_type = content_type(&response);
         let body = response.json().await.unwrap();
         (status, content_type, body)
     }
@@ -181,39 +164,15 @@ impl Api {
     }
 }
 
-async fn wait_caught_up(env: &TestEnv) {
-    for projector in registry::all() {
-        eventually(
-            Duration::from_secs(60),
-            &format!("{} to catch up", projector.name()),
-            || async {
-                env.caught_up(projector.name(), projector.as_ref())
-                    .await
-                    .then_some(())
-            },
-        )
-        .await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_served_at_a_tick_equals_the_state_folded_from_the_log_at_that_tick() {
     let env = TestEnv::new(2).await;
-    let appender = Appender::new(
-        &env.settings.kafka,
-        AppenderOptions {
-            topic_prefix: env.settings.topics.prefix.clone(),
-            ..AppenderOptions::default()
-        },
-    )
-    .unwrap();
+    let appender = env.appender();
     let world = WorldId::parse(WORLD).unwrap();
     let mut workload = Workload::new(2, 71);
     let mut appended = workload.creations();
     appended.extend(workload.next_batch(900));
-    for r in appender.append_batch(&appended).await {
-        r.unwrap();
-    }
+    pipeline::append(&appender, &appended).await;
     let last = appended
         .iter()
         .filter(|e| e.world_id == WORLD)
@@ -222,27 +181,16 @@ async fn the_state_served_at_a_tick_equals_the_state_folded_from_the_log_at_that
         .unwrap();
     assert!(last > 30, "the workload ticked the world ({last} ticks)");
     for event in tail(&world, last) {
-        for r in appender.append_batch(std::slice::from_ref(&event)).await {
-            r.unwrap();
-        }
+        pipeline::append(&appender, std::slice::from_ref(&event)).await;
         appended.push(event);
     }
     let latest = last + 2;
 
-    let live: Vec<_> = registry::all()
-        .into_iter()
-        .map(|p| env.start_projector(p))
-        .collect();
-    wait_caught_up(&env).await;
-    let shutdown = CancellationToken::new();
+    let live = env.start_all_projectors();
+    env.wait_all_caught_up().await;
     let app = worldline_query_api::app(AppState::new(env.pool.clone()), Health::default());
-    let (addr, _server) =
-        worldline_ops::health::serve(SocketAddr::from(([127, 0, 0, 1], 0)), app, shutdown.clone())
-            .await
-            .unwrap();
     let api = Api {
-        base: Url::parse(&format!("http://{addr}")).unwrap(),
-        http: reqwest::Client::new(),
+        server: Server::start(app, CancellationToken::new()).await,
     };
     let summary = api.ok(&["v1", "worlds", WORLD], &[]).await;
     assert_eq!(summary["latest_tick"], latest);
@@ -384,9 +332,7 @@ async fn the_state_served_at_a_tick_equals_the_state_folded_from_the_log_at_that
     assert_eq!(at_tick["in"], "query");
     assert_eq!(at_tick["required"], true);
 
-    shutdown.cancel();
-    for running in live {
-        running.stop().await;
-    }
+    api.server.stop();
+    pipeline::stop_all(live).await;
     env.cleanup().await;
 }

@@ -22,7 +22,7 @@ use worldline_ops::archive::{
 };
 use worldline_producers::{Appender, AppenderOptions};
 use worldline_tests::TestEnv;
-use worldline_tests::workload::Workload;
+use worldline_tests::bench::{append_workload, megabytes, number, per_second};
 
 /// Events handed to one `append_batch` call while loading the backlog.
 const APPEND_CHUNK: usize = 20_000;
@@ -50,31 +50,6 @@ impl BenchConfig {
                 .unwrap_or_else(std::env::temp_dir),
         })
     }
-}
-
-/// A positive whole number from a variable, or the default when unset.
-fn number(raw: Option<String>, name: &str, default: usize) -> anyhow::Result<usize> {
-    let Some(raw) = raw else {
-        return Ok(default);
-    };
-    let value: usize = raw
-        .trim()
-        .parse()
-        .with_context(|| format!("{name}={raw:?} is not a whole number"))?;
-    if value == 0 {
-        bail!("{name} must be positive");
-    }
-    Ok(value)
-}
-
-/// Megabytes (10^6 bytes), as network and disk rates are quoted.
-fn megabytes(bytes: u64) -> f64 {
-    bytes as f64 / 1_000_000.0
-}
-
-fn per_second(amount: f64, elapsed: Duration) -> f64 {
-    let seconds = elapsed.as_secs_f64();
-    if seconds > 0.0 { amount / seconds } else { 0.0 }
 }
 
 /// One progress line: done/total, percent, rate, ETA.
@@ -188,25 +163,14 @@ async fn append_backlog(env: &TestEnv, config: &BenchConfig) -> anyhow::Result<(
             ..AppenderOptions::default()
         },
     )?;
-    let mut workload = Workload::new(config.worlds, 42);
-    let started = Instant::now();
-    let target = config.events as u64;
-    // Every world is created first, as in a real log; then the mixed stream.
-    let mut chunk = workload.creations();
-    chunk.truncate(config.events);
-    let mut appended = 0;
-    while appended < target {
-        if chunk.is_empty() {
-            let left = usize::try_from(target - appended)?;
-            chunk = workload.next_batch(APPEND_CHUNK.min(left));
-        }
-        for result in appender.append_batch(&chunk).await {
-            result?;
-        }
-        appended += chunk.len() as u64;
-        chunk.clear();
-    }
-    Ok((appended, started.elapsed()))
+    append_workload(
+        &appender,
+        config.worlds,
+        config.events,
+        APPEND_CHUNK,
+        |_, _| {},
+    )
+    .await
 }
 
 fn print_export(report: &ExportReport) {
@@ -364,14 +328,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    #[test]
-    fn given_unset_or_bad_variables_when_read_then_defaults_apply_and_nonsense_is_refused() {
-        assert_eq!(number(None, "X", 7).unwrap(), 7);
-        assert_eq!(number(Some(" 12 ".to_owned()), "X", 7).unwrap(), 12);
-        assert!(number(Some("0".to_owned()), "X", 7).is_err());
-        assert!(number(Some("lots".to_owned()), "X", 7).is_err());
-    }
 
     #[test]
     fn given_a_proc_stat_line_when_parsed_then_user_and_system_ticks_are_summed() {

@@ -39,6 +39,7 @@ use worldline_schemas::pb::{
 };
 use worldline_schemas::{Family, WorldId};
 use worldline_tests::TestEnv;
+use worldline_tests::bench::{BinaryCopy, timed_copy};
 use worldline_tests::workload::Workload;
 
 /// Partitions per event topic, as in production defaults and the reliability tests.
@@ -410,71 +411,6 @@ impl CpuTimes {
 // ---------------------------------------------------------------------------
 // PostgreSQL binary COPY payloads
 // ---------------------------------------------------------------------------
-
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
-const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
-
-/// Encodes rows in PostgreSQL's binary `COPY` format.
-#[derive(Debug)]
-struct BinaryCopy {
-    buffer: Vec<u8>,
-}
-
-impl BinaryCopy {
-    fn new() -> BinaryCopy {
-        let mut buffer = Vec::with_capacity(1 << 20);
-        buffer.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-        buffer.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
-        buffer.extend_from_slice(&0i32.to_be_bytes()); // header extension length
-        BinaryCopy { buffer }
-    }
-
-    fn row(&mut self, fields: i16) -> &mut Self {
-        self.buffer.extend_from_slice(&fields.to_be_bytes());
-        self
-    }
-
-    fn field(&mut self, bytes: &[u8]) -> &mut Self {
-        // Fields here are ids and short names; a length beyond i32 cannot occur.
-        let length = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
-        self.buffer.extend_from_slice(&length.to_be_bytes());
-        self.buffer.extend_from_slice(bytes);
-        self
-    }
-
-    fn uuid(&mut self, id: Uuid) -> &mut Self {
-        self.field(id.as_bytes())
-    }
-
-    fn text(&mut self, value: &str) -> &mut Self {
-        self.field(value.as_bytes())
-    }
-
-    fn int4(&mut self, value: i32) -> &mut Self {
-        self.field(&value.to_be_bytes())
-    }
-
-    fn int8(&mut self, value: i64) -> &mut Self {
-        self.field(&value.to_be_bytes())
-    }
-
-    fn timestamptz_ms(&mut self, unix_ms: i64) -> &mut Self {
-        self.int8(unix_ms * 1000 - POSTGRES_EPOCH_US)
-    }
-
-    fn jsonb(&mut self, json: &str) -> &mut Self {
-        // jsonb's binary form is a version byte (1) and the JSON text.
-        let mut bytes = Vec::with_capacity(json.len() + 1);
-        bytes.push(1);
-        bytes.extend_from_slice(json.as_bytes());
-        self.field(&bytes)
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.buffer.extend_from_slice(&(-1i16).to_be_bytes());
-        self.buffer
-    }
-}
 
 /// `inference.inferences` rows for every inference in `events`.
 fn inference_rows(events: &[Envelope]) -> (Vec<u8>, u64) {
@@ -952,22 +888,7 @@ async fn copy_rate(
     payload: &[u8],
     rows: u64,
 ) -> anyhow::Result<f64> {
-    let mut conn = pool.acquire().await?;
-    let started = Instant::now();
-    let mut copy = conn
-        .copy_in_raw(&format!(
-            "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
-        ))
-        .await?;
-    if let Err(error) = copy.send(payload).await {
-        copy.abort(error.to_string()).await?;
-        return Err(error.into());
-    }
-    let copied = copy.finish().await?;
-    let elapsed = started.elapsed();
-    if copied != rows {
-        bail!("COPY into {table} stored {copied} rows, expected {rows}");
-    }
+    let elapsed = timed_copy(pool, table, columns, payload, rows).await?;
     Ok(per_second(rows, elapsed))
 }
 
@@ -2264,28 +2185,6 @@ mod tests {
         assert_eq!(status_kib(status, "VmRSS"), Some(70_000));
         assert_eq!(status_kib(status, "VmHWM"), Some(81_234));
         assert_eq!(status_kib(status, "VmSwap"), None);
-    }
-
-    #[test]
-    fn given_rows_when_encoded_for_binary_copy_then_header_fields_and_trailer_follow_the_format() {
-        let mut copy = BinaryCopy::new();
-        copy.row(2).int4(7).timestamptz_ms(946_684_800_000);
-        let bytes = copy.finish();
-        let mut expected = b"PGCOPY\n\xff\r\n\0".to_vec();
-        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
-        expected.extend_from_slice(&[0, 2]);
-        expected.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 7]);
-        expected.extend_from_slice(&[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0]);
-        expected.extend_from_slice(&[0xff, 0xff]);
-        assert_eq!(bytes, expected);
-    }
-
-    #[test]
-    fn given_json_when_encoded_as_jsonb_then_the_version_byte_comes_first() {
-        let mut copy = BinaryCopy::new();
-        copy.row(1).jsonb("{}");
-        let bytes = copy.finish();
-        assert_eq!(&bytes[19..28], &[0, 1, 0, 0, 0, 3, 1, b'{', b'}']);
     }
 
     #[test]

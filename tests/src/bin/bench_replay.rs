@@ -40,7 +40,9 @@ use worldline_producers::{Appender, AppenderOptions};
 use worldline_projectors::replay::{Progress, Rebuild, replay_together};
 use worldline_projectors::{Projector, SchemaName, registry};
 use worldline_tests::TestEnv;
-use worldline_tests::workload::Workload;
+use worldline_tests::bench::{
+    BinaryCopy, POSTGRES_EPOCH_US, append_workload, megabytes, number, per_second, timed_copy,
+};
 
 /// Events handed to one `append_batch` call while loading the backlog.
 const APPEND_CHUNK: usize = 20_000;
@@ -129,30 +131,6 @@ fn parse_sizes(raw: &str) -> anyhow::Result<Vec<usize>> {
         bail!("BENCH_EVENTS_LIST is empty");
     }
     Ok(sizes)
-}
-
-/// A positive whole number from a variable, or the default when unset.
-fn number(raw: Option<String>, name: &str, default: usize) -> anyhow::Result<usize> {
-    let Some(raw) = raw else {
-        return Ok(default);
-    };
-    let value: usize = raw
-        .trim()
-        .parse()
-        .with_context(|| format!("{name}={raw:?} is not a whole number"))?;
-    if value == 0 {
-        bail!("{name} must be positive");
-    }
-    Ok(value)
-}
-
-fn per_second(amount: f64, elapsed: Duration) -> f64 {
-    let seconds = elapsed.as_secs_f64();
-    if seconds > 0.0 { amount / seconds } else { 0.0 }
-}
-
-fn megabytes(bytes: u64) -> f64 {
-    bytes as f64 / 1_000_000.0
 }
 
 // ---------------------------------------------------------------------------
@@ -310,34 +288,23 @@ async fn append_backlog(
             ..AppenderOptions::default()
         },
     )?;
-    let mut workload = Workload::new(config.worlds, 42);
-    let started = Instant::now();
-    let target = events as u64;
     let mut last_print = Instant::now();
-    // Every world is created first, as in a real log; then the mixed stream,
-    // generated a chunk at a time.
-    let mut chunk = workload.creations();
-    chunk.truncate(events);
-    let mut appended = 0;
-    while appended < target {
-        if chunk.is_empty() {
-            let left = usize::try_from(target - appended)?;
-            chunk = workload.next_batch(APPEND_CHUNK.min(left));
-        }
-        for result in appender.append_batch(&chunk).await {
-            result?;
-        }
-        appended += chunk.len() as u64;
-        chunk.clear();
-        if last_print.elapsed() >= PRINT_EVERY {
-            last_print = Instant::now();
-            eprintln!(
-                "  appending: {appended}/{target} ({:.0} events/s)",
-                per_second(appended as f64, started.elapsed())
-            );
-        }
-    }
-    Ok((appended, started.elapsed()))
+    append_workload(
+        &appender,
+        config.worlds,
+        events,
+        APPEND_CHUNK,
+        |appended, elapsed| {
+            if last_print.elapsed() >= PRINT_EVERY {
+                last_print = Instant::now();
+                eprintln!(
+                    "  appending: {appended}/{events} ({:.0} events/s)",
+                    per_second(appended as f64, elapsed)
+                );
+            }
+        },
+    )
+    .await
 }
 
 /// Records in the log of each family topic of `settings`.
@@ -371,54 +338,6 @@ fn records_for(projector: &dyn Projector, settings: &Settings, log: &BTreeMap<St
 // 2. Raw binary COPY
 // ---------------------------------------------------------------------------
 
-/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
-const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
-
-/// Rows in PostgreSQL's binary `COPY` format.
-struct BinaryCopy {
-    buffer: Vec<u8>,
-}
-
-impl BinaryCopy {
-    fn new() -> BinaryCopy {
-        let mut buffer = Vec::with_capacity(1 << 20);
-        buffer.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-        buffer.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
-        buffer.extend_from_slice(&0i32.to_be_bytes()); // header extension length
-        BinaryCopy { buffer }
-    }
-
-    fn row(&mut self, fields: i16) -> &mut Self {
-        self.buffer.extend_from_slice(&fields.to_be_bytes());
-        self
-    }
-
-    fn field(&mut self, bytes: &[u8]) -> &mut Self {
-        // Ids and short names: a length beyond i32 cannot occur.
-        let length = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
-        self.buffer.extend_from_slice(&length.to_be_bytes());
-        self.buffer.extend_from_slice(bytes);
-        self
-    }
-
-    fn text(&mut self, value: &str) -> &mut Self {
-        self.field(value.as_bytes())
-    }
-
-    fn int4(&mut self, value: i32) -> &mut Self {
-        self.field(&value.to_be_bytes())
-    }
-
-    fn int8(&mut self, value: i64) -> &mut Self {
-        self.field(&value.to_be_bytes())
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.buffer.extend_from_slice(&(-1i16).to_be_bytes());
-        self.buffer
-    }
-}
-
 const INFERENCE_COLUMNS: &str = "event_id, world_id, tick, occurred_at, model_id, model_version, \
      purpose, prompt_tokens, completion_tokens, latency_ms, cost_micro_usd, outcome, npc_id, input_hash";
 
@@ -434,7 +353,7 @@ fn inference_rows(rows: usize, worlds: usize) -> Vec<u8> {
         let i64n = i64::try_from(n).unwrap_or(i64::MAX);
         let roll = i32::try_from(n % 100).unwrap_or(0);
         copy.row(14)
-            .field(Uuid::now_v7().as_bytes())
+            .uuid(Uuid::now_v7())
             .text(&format!("w-{:03}", n % worlds.max(1)))
             .int8(i64n / 1000)
             .int8(now_us + i64n)
@@ -454,22 +373,7 @@ fn inference_rows(rows: usize, worlds: usize) -> Vec<u8> {
 
 /// One binary `COPY … FROM STDIN` of `payload` into `table`; rows per second.
 async fn copy_rate(pool: &PgPool, table: &str, payload: &[u8], rows: usize) -> anyhow::Result<f64> {
-    let mut conn = pool.acquire().await?;
-    let started = Instant::now();
-    let mut copy = conn
-        .copy_in_raw(&format!(
-            "COPY {table} ({INFERENCE_COLUMNS}) FROM STDIN (FORMAT binary)"
-        ))
-        .await?;
-    if let Err(error) = copy.send(payload).await {
-        copy.abort(error.to_string()).await?;
-        return Err(error.into());
-    }
-    let copied = copy.finish().await?;
-    let elapsed = started.elapsed();
-    if copied != rows as u64 {
-        bail!("COPY into {table} stored {copied} rows, expected {rows}");
-    }
+    let elapsed = timed_copy(pool, table, INFERENCE_COLUMNS, payload, rows as u64).await?;
     Ok(per_second(rows as f64, elapsed))
 }
 
