@@ -209,6 +209,7 @@ pub enum ProduceCommand {
 
 /// Parses arguments, runs the command, and maps its outcome to an exit code.
 pub fn main() -> ExitCode {
+    crate::memory::tune_allocator();
     let cli = Cli::parse();
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

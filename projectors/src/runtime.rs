@@ -76,6 +76,38 @@ const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 /// of requests per second to the group coordinator under load.
 const KAFKA_MIRROR_INTERVAL: Duration = Duration::from_secs(1);
 
+/// librdkafka's prefetch limits, unless `kafka.properties` sets them. Both
+/// apply to each partition's queue: by default librdkafka keeps fetching a
+/// partition until 100 000 records or 64 MiB wait in it. A `worldline project`
+/// process runs one consumer per projector, and `worlds` alone reads every
+/// family's partitions (40 at 8 per topic), so those defaults can hold hundreds
+/// of MiB of records that no batch needs yet. A batch takes at most 2 000
+/// records from all its partitions, so 2 000 per partition is always a full
+/// batch ahead. The per-fetch sizes stay at their defaults: smaller fetches
+/// starve a projector catching up (see `ops/bench/project.sh`, throughput
+/// against resident memory).
+const PREFETCH_BOUNDS: &[(&str, &str)] = &[
+    ("queued.min.messages", "2000"),
+    ("queued.max.messages.kbytes", "2048"),
+    ("fetch.max.bytes", "4194304"),
+];
+
+/// Settings an operator may override through `kafka.properties`.
+trait SetDefaults {
+    fn set_defaults(&mut self, defaults: &[(&str, &str)]) -> &mut Self;
+}
+
+impl SetDefaults for rdkafka::ClientConfig {
+    fn set_defaults(&mut self, defaults: &[(&str, &str)]) -> &mut Self {
+        for (key, value) in defaults {
+            if self.get(key).is_none() {
+                self.set(*key, *value);
+            }
+        }
+        self
+    }
+}
+
 /// How one projector instance runs.
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
@@ -451,13 +483,9 @@ impl ProjectorRuntime {
                 // Fetch eagerly: batches of small events fill from one fetch.
                 .set("fetch.wait.max.ms", "10")
                 .set("fetch.min.bytes", "1")
-                // librdkafka prefetches up to 64 MiB per consumer by default; a
-                // process runs one consumer per projector, so bound the prefetch
-                // (a batch is at most a few MB) to keep resident memory small.
-                .set("queued.max.messages.kbytes", "8192")
-                .set("fetch.max.bytes", "8388608")
                 // Statistics feed the lag metrics (high watermarks per partition).
                 .set("statistics.interval.ms", "1000")
+                .set_defaults(PREFETCH_BOUNDS)
                 .create_with_context(context)?;
         let consumer = Arc::new(consumer);
         let topics: Vec<&str> = self.options.topics.iter().map(String::as_str).collect();
@@ -1220,6 +1248,25 @@ impl LagReporter {
             }
             Ok(Err(error)) => tracing::debug!(%error, "could not record log ends"),
             Err(_elapsed) => tracing::debug!("recording log ends timed out"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_an_operator_setting_then_the_prefetch_default_leaves_it_and_fills_the_rest() {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("queued.max.messages.kbytes", "65536");
+        config.set_defaults(PREFETCH_BOUNDS);
+        assert_eq!(config.get("queued.max.messages.kbytes"), Some("65536"));
+        for (key, value) in PREFETCH_BOUNDS
+            .iter()
+            .filter(|(key, _)| *key != "queued.max.messages.kbytes")
+        {
+            assert_eq!(config.get(key), Some(*value), "{key}");
         }
     }
 }
