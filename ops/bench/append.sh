@@ -17,16 +17,8 @@
 # jars (for ProducerPerformance) from WORLDLINE_KAFKA_LIBS, written there too.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
-
-# The stack script is idempotent: a stack that is already up stays as it is.
-ops/local/stack.sh up >/dev/null
-STATE=${WORLDLINE_STATE:-$ROOT/.worldline}
-if [[ -f $STATE/env ]]; then
-    # shellcheck source=/dev/null
-    source "$STATE/env"
-fi
+# shellcheck source=ops/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [[ -n ${WORLDLINE_KAFKA_LIBS:-} && -d ${WORLDLINE_KAFKA_LIBS:-} ]] || {
     printf 'bench: error: WORLDLINE_KAFKA_LIBS does not name the Kafka jar directory\n' >&2
     exit 1

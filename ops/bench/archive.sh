@@ -14,16 +14,8 @@
 # Connection settings come from WORLDLINE__* variables or .worldline/env.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
-
-# The stack script is idempotent: a stack that is already up stays as it is.
-ops/local/stack.sh up >/dev/null
-STATE=${WORLDLINE_STATE:-$ROOT/.worldline}
-if [[ -f $STATE/env ]]; then
-    # shellcheck source=/dev/null
-    source "$STATE/env"
-fi
+# shellcheck source=ops/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Release build: a debug build would measure the compiler, not the archive.
 cargo build --release --quiet -p worldline-tests --bin bench_archive

@@ -92,19 +92,13 @@ const PREFETCH_BOUNDS: &[(&str, &str)] = &[
     ("fetch.max.bytes", "4194304"),
 ];
 
-/// Settings an operator may override through `kafka.properties`.
-trait SetDefaults {
-    fn set_defaults(&mut self, defaults: &[(&str, &str)]) -> &mut Self;
-}
-
-impl SetDefaults for rdkafka::ClientConfig {
-    fn set_defaults(&mut self, defaults: &[(&str, &str)]) -> &mut Self {
-        for (key, value) in defaults {
-            if self.get(key).is_none() {
-                self.set(*key, *value);
-            }
+/// Sets each of `defaults` that `config` (the operator's `kafka.properties`
+/// included) does not set already.
+fn set_defaults(config: &mut rdkafka::ClientConfig, defaults: &[(&str, &str)]) {
+    for (key, value) in defaults {
+        if config.get(key).is_none() {
+            config.set(*key, *value);
         }
-        self
     }
 }
 
@@ -454,39 +448,39 @@ impl ProjectorRuntime {
             health: self.health.clone(),
             name,
         };
-        let consumer: StreamConsumer<ProjectorContext> =
-            base_client_config(&self.kafka, &format!("worldline-projector-{name}"))
-                .set("group.id", &self.options.group_id)
-                // Positions live in Postgres. Kafka's committed offsets are
-                // written by hand after each Postgres commit, only so standard
-                // lag tools see progress; they never decide where we start.
-                .set("enable.auto.commit", "false")
-                .set("enable.auto.offset.store", "false")
-                // Never jump to the end (or anywhere) silently: an offset that
-                // left the log is an error the operator must see.
-                .set("auto.offset.reset", "error")
-                // Cooperative rebalancing: adding an instance moves only the
-                // partitions it takes; the others keep flowing.
-                .set("partition.assignment.strategy", "cooperative-sticky")
-                .set(
-                    "session.timeout.ms",
-                    self.options.session_timeout.as_millis().to_string(),
-                )
-                .set(
-                    "heartbeat.interval.ms",
-                    (self.options.session_timeout.as_millis() / 4)
-                        .max(100)
-                        .to_string(),
-                )
-                // Skip records of aborted transactions written by other tools.
-                .set("isolation.level", "read_committed")
-                // Fetch eagerly: batches of small events fill from one fetch.
-                .set("fetch.wait.max.ms", "10")
-                .set("fetch.min.bytes", "1")
-                // Statistics feed the lag metrics (high watermarks per partition).
-                .set("statistics.interval.ms", "1000")
-                .set_defaults(PREFETCH_BOUNDS)
-                .create_with_context(context)?;
+        let mut config = base_client_config(&self.kafka, &format!("worldline-projector-{name}"));
+        config
+            .set("group.id", &self.options.group_id)
+            // Positions live in Postgres. Kafka's committed offsets are
+            // written by hand after each Postgres commit, only so standard
+            // lag tools see progress; they never decide where we start.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // Never jump to the end (or anywhere) silently: an offset that
+            // left the log is an error the operator must see.
+            .set("auto.offset.reset", "error")
+            // Cooperative rebalancing: adding an instance moves only the
+            // partitions it takes; the others keep flowing.
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set(
+                "session.timeout.ms",
+                self.options.session_timeout.as_millis().to_string(),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                (self.options.session_timeout.as_millis() / 4)
+                    .max(100)
+                    .to_string(),
+            )
+            // Skip records of aborted transactions written by other tools.
+            .set("isolation.level", "read_committed")
+            // Fetch eagerly: batches of small events fill from one fetch.
+            .set("fetch.wait.max.ms", "10")
+            .set("fetch.min.bytes", "1")
+            // Statistics feed the lag metrics (high watermarks per partition).
+            .set("statistics.interval.ms", "1000");
+        set_defaults(&mut config, PREFETCH_BOUNDS);
+        let consumer: StreamConsumer<ProjectorContext> = config.create_with_context(context)?;
         let consumer = Arc::new(consumer);
         let topics: Vec<&str> = self.options.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -1260,7 +1254,7 @@ mod tests {
     fn given_an_operator_setting_then_the_prefetch_default_leaves_it_and_fills_the_rest() {
         let mut config = rdkafka::ClientConfig::new();
         config.set("queued.max.messages.kbytes", "65536");
-        config.set_defaults(PREFETCH_BOUNDS);
+        set_defaults(&mut config, PREFETCH_BOUNDS);
         assert_eq!(config.get("queued.max.messages.kbytes"), Some("65536"));
         for (key, value) in PREFETCH_BOUNDS
             .iter()

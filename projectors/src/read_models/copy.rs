@@ -132,7 +132,7 @@ pub async fn append(
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
-const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
+pub const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
 
 /// Rows in PostgreSQL's binary `COPY` format.
 #[derive(Debug)]
@@ -228,21 +228,23 @@ impl BinaryRows {
         self.rows == 0
     }
 
+    /// The payload of one `COPY … FROM STDIN (FORMAT binary)`: the rows and
+    /// the trailer.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.buffer.extend_from_slice(&(-1i16).to_be_bytes());
+        self.buffer
+    }
+
     /// Appends the rows to `target`, a table with its column list, e.g.
     /// `"seen_events (event_id)"`, resolved by the connection's search path.
-    pub async fn copy_into(
-        mut self,
-        tx: &mut PgConnection,
-        target: &str,
-    ) -> Result<u64, sqlx::Error> {
+    pub async fn copy_into(self, tx: &mut PgConnection, target: &str) -> Result<u64, sqlx::Error> {
         if self.rows == 0 {
             return Ok(0);
         }
-        self.buffer.extend_from_slice(&(-1i16).to_be_bytes());
         let mut copy = tx
             .copy_in_raw(&format!("COPY {target} FROM STDIN (FORMAT binary)"))
             .await?;
-        if let Err(error) = copy.send(self.buffer).await {
+        if let Err(error) = copy.send(self.finish()).await {
             copy.abort(error.to_string()).await?;
             return Err(error);
         }
@@ -276,5 +278,28 @@ mod tests {
             .unwrap_or_default();
         rows.row(1).timestamptz(epoch);
         assert!(rows.buffer.ends_with(&0i64.to_be_bytes()));
+    }
+
+    #[test]
+    fn given_rows_when_encoded_for_binary_copy_then_header_fields_and_trailer_follow_the_format() {
+        let mut copy = BinaryRows::new();
+        let epoch = DateTime::from_timestamp_millis(946_684_800_000).unwrap_or_default();
+        copy.row(2).int4(7).timestamptz(epoch);
+        let bytes = copy.finish();
+        let mut expected = b"PGCOPY\n\xff\r\n\0".to_vec();
+        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[0, 2]);
+        expected.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 7]);
+        expected.extend_from_slice(&[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(&[0xff, 0xff]);
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn given_json_when_encoded_as_jsonb_then_the_version_byte_comes_first() {
+        let mut copy = BinaryRows::new();
+        copy.row(1).jsonb(&serde_json::json!({}));
+        let bytes = copy.finish();
+        assert_eq!(&bytes[19..28], &[0, 1, 0, 0, 0, 3, 1, b'{', b'}']);
     }
 }

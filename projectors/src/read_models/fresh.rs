@@ -22,10 +22,27 @@ use std::sync::{Arc, Mutex};
 
 use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
+use worldline_schemas::envelope::EnvelopeExt;
+use worldline_schemas::pb::envelope::Body;
+
+use crate::projector::Event;
 
 /// The table comment that marks an event log: one row per event id, written
 /// only after [`unseen`], its key used for nothing else.
 pub const EVENT_LOG_COMMENT: &str = "worldline event log: one row per event id";
+
+/// The batch's events of one kind (`kind` picks the body it projects), in log
+/// order, and their ids, as [`unseen`] takes them.
+pub fn of_kind<'e, T>(
+    events: &'e [Event],
+    kind: impl Fn(&'e Body) -> Option<&'e T>,
+) -> (Vec<(&'e Event, &'e T)>, Vec<Uuid>) {
+    events
+        .iter()
+        .filter_map(|event| Some((event, kind(event.envelope.body.as_ref()?)?)))
+        .map(|(event, body)| ((event, body), event.envelope.event_uuid()))
+        .unzip()
+}
 
 /// Of `ids` (in log order), the index of the first occurrence of each id that
 /// `table` (a table of this read model with an `event_id` key) does not hold yet.

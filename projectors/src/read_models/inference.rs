@@ -72,18 +72,14 @@ impl Projector for InferenceProjector {
         events: &'a [Event],
     ) -> BoxFuture<'a, Result<(), ApplyError>> {
         async move {
-            let recorded: Vec<_> = events
-                .iter()
-                .filter_map(|event| match &event.envelope.body {
-                    Some(Body::InferenceRecorded(inference)) => Some((&event.envelope, inference)),
-                    _ => None,
-                })
-                .collect();
-            let ids: Vec<Uuid> = recorded.iter().map(|(e, _)| e.event_uuid()).collect();
+            let (recorded, ids) = fresh::of_kind(events, |body| match body {
+                Body::InferenceRecorded(inference) => Some(inference),
+                _ => None,
+            });
             // Only inferences not seen before are logged and feed the statistics.
             let mut log = InferenceColumns::default();
             for i in fresh::unseen(tx, "inferences", &ids).await? {
-                log.push(recorded[i].0, recorded[i].1);
+                log.push(&recorded[i].0.envelope, recorded[i].1);
             }
             if log.event_id.is_empty() {
                 return Ok(());

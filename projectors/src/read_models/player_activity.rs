@@ -43,15 +43,10 @@ impl Projector for PlayerActivityProjector {
         async move {
             let (mut ids, mut worlds, mut players, mut stories, mut ticks, mut times) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            let made: Vec<_> = events
-                .iter()
-                .filter_map(|event| match &event.envelope.body {
-                    Some(Body::StoryChoiceMade(choice)) => Some((event, choice)),
-                    _ => None,
-                })
-                .collect();
-            let event_ids: Vec<uuid::Uuid> =
-                made.iter().map(|(e, _)| e.envelope.event_uuid()).collect();
+            let (made, event_ids) = fresh::of_kind(events, |body| match body {
+                Body::StoryChoiceMade(choice) => Some(choice),
+                _ => None,
+            });
             // Only choices not counted before move the totals.
             for i in fresh::unseen(tx, "counted_choices", &event_ids).await? {
                 let (event, choice) = made[i];

@@ -56,14 +56,10 @@ impl Projector for StoryProjector {
             let mut context = Vec::new();
             let mut partition = Vec::new();
             let mut offset = Vec::new();
-            let made: Vec<_> = events
-                .iter()
-                .filter_map(|event| match &event.envelope.body {
-                    Some(Body::StoryChoiceMade(choice)) => Some((event, choice)),
-                    _ => None,
-                })
-                .collect();
-            let ids: Vec<uuid::Uuid> = made.iter().map(|(e, _)| e.envelope.event_uuid()).collect();
+            let (made, ids) = fresh::of_kind(events, |body| match body {
+                Body::StoryChoiceMade(choice) => Some(choice),
+                _ => None,
+            });
             // Only choices not logged before move tallies and progress.
             for i in fresh::unseen(tx, "choices", &ids).await? {
                 let (event, choice) = made[i];

@@ -139,14 +139,10 @@ impl Projector for WeatherProjector {
         events: &'a [Event],
     ) -> BoxFuture<'a, Result<(), ApplyError>> {
         async move {
-            let changes: Vec<_> = events
-                .iter()
-                .filter_map(|event| match &event.envelope.body {
-                    Some(Body::WeatherChanged(change)) => Some((event, change)),
-                    _ => None,
-                })
-                .collect();
-            let ids: Vec<uuid::Uuid> = changes.iter().map(|(e, _)| e.envelope.event_uuid()).collect();
+            let (changes, ids) = fresh::of_kind(events, |body| match body {
+                Body::WeatherChanged(change) => Some(change),
+                _ => None,
+            });
             // A redelivered event (its id already stored) must not move anything.
             let mut rows = Rows::default();
             for i in fresh::unseen(tx, "weather_history", &ids).await? {

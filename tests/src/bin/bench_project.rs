@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use worldline_ops::{Health, Settings};
 use worldline_producers::{Appender, AppenderOptions};
+use worldline_projectors::read_models::copy::BinaryRows;
 use worldline_projectors::read_models::names::{
     inference_outcome, inference_purpose, to_i32, to_i64,
 };
@@ -39,7 +40,7 @@ use worldline_schemas::pb::{
 };
 use worldline_schemas::{Family, WorldId};
 use worldline_tests::TestEnv;
-use worldline_tests::bench::{BinaryCopy, timed_copy};
+use worldline_tests::bench::timed_copy;
 use worldline_tests::workload::Workload;
 
 /// Partitions per event topic, as in production defaults and the reliability tests.
@@ -414,7 +415,7 @@ impl CpuTimes {
 
 /// `inference.inferences` rows for every inference in `events`.
 fn inference_rows(events: &[Envelope]) -> (Vec<u8>, u64) {
-    let mut copy = BinaryCopy::new();
+    let mut copy = BinaryRows::new();
     let mut rows = 0;
     for envelope in events {
         let Some(Body::InferenceRecorded(i)) = &envelope.body else {
@@ -424,7 +425,7 @@ fn inference_rows(events: &[Envelope]) -> (Vec<u8>, u64) {
             .uuid(envelope.event_uuid())
             .text(&envelope.world_id)
             .int8(to_i64(envelope.world_tick))
-            .timestamptz_ms(envelope.occurred_at_ms)
+            .timestamptz(envelope.occurred_at())
             .text(&i.model_id)
             .text(&i.model_version)
             .text(inference_purpose(i.purpose))
@@ -443,18 +444,18 @@ fn inference_rows(events: &[Envelope]) -> (Vec<u8>, u64) {
 /// `story.choices` rows for every story choice in `events` (log positions are
 /// stand-ins: the rows are copied before the events are appended).
 fn choice_rows(events: &[Envelope]) -> (Vec<u8>, u64) {
-    let mut copy = BinaryCopy::new();
+    let mut copy = BinaryRows::new();
     let mut rows = 0u64;
     for envelope in events {
         let Some(Body::StoryChoiceMade(c)) = &envelope.body else {
             continue;
         };
-        let context = serde_json::json!(c.context).to_string();
+        let context = serde_json::json!(c.context);
         copy.row(12)
             .uuid(envelope.event_uuid())
             .text(&envelope.world_id)
             .int8(to_i64(envelope.world_tick))
-            .timestamptz_ms(envelope.occurred_at_ms)
+            .timestamptz(envelope.occurred_at())
             .text(&c.player_id)
             .text(&c.story_id)
             .text(&c.node_id)

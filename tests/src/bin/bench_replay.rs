@@ -37,12 +37,11 @@ use uuid::Uuid;
 use worldline_ops::Settings;
 use worldline_ops::archive::{self, ExportRange, ExportRequest, ImportRequest};
 use worldline_producers::{Appender, AppenderOptions};
+use worldline_projectors::read_models::copy::{self, BinaryRows};
 use worldline_projectors::replay::{Progress, Rebuild, replay_together};
 use worldline_projectors::{Projector, SchemaName, registry};
 use worldline_tests::TestEnv;
-use worldline_tests::bench::{
-    BinaryCopy, POSTGRES_EPOCH_US, append_workload, megabytes, number, per_second, timed_copy,
-};
+use worldline_tests::bench::{append_workload, megabytes, number, per_second, timed_copy};
 
 /// Events handed to one `append_batch` call while loading the backlog.
 const APPEND_CHUNK: usize = 20_000;
@@ -344,11 +343,11 @@ const INFERENCE_COLUMNS: &str = "event_id, world_id, tick, occurred_at, model_id
 /// `rows` inference-log rows shaped like the workload's (time-ordered ids, a
 /// thousand worlds), encoded before the clock starts.
 fn inference_rows(rows: usize, worlds: usize) -> Vec<u8> {
-    let mut copy = BinaryCopy::new();
+    let mut copy = BinaryRows::new();
     let unix_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-    let now_us = unix_us - POSTGRES_EPOCH_US;
+    let now_us = unix_us - copy::POSTGRES_EPOCH_US;
     for n in 0..rows {
         let i64n = i64::try_from(n).unwrap_or(i64::MAX);
         let roll = i32::try_from(n % 100).unwrap_or(0);
