@@ -165,8 +165,39 @@ pub struct KafkaSettings {
     /// settings are about delivery guarantees, these are about the cluster.
     /// Because dots nest in environment keys, `_` in a key stands for `.`:
     /// `WORLDLINE__KAFKA__PROPERTIES__SECURITY_PROTOCOL=SSL` sets `security.protocol`
-    /// (no librdkafka property has an underscore in its name).
+    /// (no librdkafka property has an underscore in its name). Values may be
+    /// written as numbers or booleans (`fetch.max.bytes = 1048576`); the
+    /// environment reads `1048576` as a number, and librdkafka takes text.
+    #[serde(deserialize_with = "scalar_values_as_text")]
     pub properties: BTreeMap<String, String>,
+}
+
+/// A map whose values are strings, numbers or booleans, kept as their text.
+fn scalar_values_as_text<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Whole(i64),
+        Real(f64),
+        Switch(bool),
+    }
+    let raw = BTreeMap::<String, Scalar>::deserialize(deserializer)?;
+    Ok(raw
+        .into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                Scalar::Text(text) => text,
+                Scalar::Whole(number) => number.to_string(),
+                Scalar::Real(number) => number.to_string(),
+                Scalar::Switch(switch) => switch.to_string(),
+            };
+            (key, text)
+        })
+        .collect())
 }
 
 /// PostgreSQL connection settings.
@@ -436,6 +467,34 @@ mod tests {
             assert_eq!(
                 settings.kafka.client_properties(),
                 vec![("security.protocol".to_owned(), "SSL".to_owned())]
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn given_numeric_and_boolean_client_properties_then_they_reach_librdkafka_as_text() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "worldline.toml",
+                r#"
+                [kafka.properties]
+                "fetch.wait.max.ms" = 50
+                "check.crcs" = true
+                "#,
+            )?;
+            jail.set_env("WORLDLINE__KAFKA__PROPERTIES__FETCH_MAX_BYTES", "1048576");
+            let settings =
+                Settings::load(Some(Path::new("worldline.toml"))).map_err(|e| e.to_string())?;
+            let mut properties = settings.kafka.client_properties();
+            properties.sort();
+            assert_eq!(
+                properties,
+                vec![
+                    ("check.crcs".to_owned(), "true".to_owned()),
+                    ("fetch.max.bytes".to_owned(), "1048576".to_owned()),
+                    ("fetch.wait.max.ms".to_owned(), "50".to_owned()),
+                ]
             );
             Ok(())
         });

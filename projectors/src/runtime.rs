@@ -21,7 +21,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
@@ -76,20 +76,34 @@ const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 /// of requests per second to the group coordinator under load.
 const KAFKA_MIRROR_INTERVAL: Duration = Duration::from_secs(1);
 
-/// librdkafka's prefetch limits, unless `kafka.properties` sets them. Both
-/// apply to each partition's queue: by default librdkafka keeps fetching a
-/// partition until 100 000 records or 64 MiB wait in it. A `worldline project`
-/// process runs one consumer per projector, and `worlds` alone reads every
-/// family's partitions (40 at 8 per topic), so those defaults can hold hundreds
-/// of MiB of records that no batch needs yet. A batch takes at most 2 000
-/// records from all its partitions, so 2 000 per partition is always a full
-/// batch ahead. The per-fetch sizes stay at their defaults: smaller fetches
-/// starve a projector catching up (see `ops/bench/project.sh`, throughput
-/// against resident memory).
-const PREFETCH_BOUNDS: &[(&str, &str)] = &[
+/// librdkafka's fetch settings, unless `kafka.properties` sets them (measured
+/// with `ops/bench/project.sh`: throughput, freshness and resident memory).
+///
+/// A `worldline project` process runs one consumer per projector, and `worlds`
+/// alone reads every family's partitions (40 at 8 per topic). librdkafka's
+/// defaults (keep fetching a partition until 100 000 records or 64 MiB wait,
+/// 50 MiB per fetch) would hold hundreds of MiB of records no batch needs yet.
+const FETCH_DEFAULTS: &[(&str, &str)] = &[
+    // A batch takes at most 2 000 records: that many per partition is always
+    // a full batch ahead.
     ("queued.min.messages", "2000"),
-    ("queued.max.messages.kbytes", "2048"),
-    ("fetch.max.bytes", "4194304"),
+    // The consumer's whole prefetch queue, and the most one fetch brings
+    // (librdkafka's floor: message.max.bytes). Larger values bought no
+    // throughput once the backoff below was short, only resident memory.
+    ("queued.max.messages.kbytes", "512"),
+    ("fetch.max.bytes", "1048576"),
+    // A partition whose queue is full is not fetched again for this long
+    // (librdkafka's default: a whole second). With queues a batch deep, a
+    // projector drains its queue in tens of milliseconds and then sat idle
+    // for the rest of that second, behind a log that kept growing.
+    ("fetch.queue.backoff.ms", "20"),
+    // The broker holds a fetch until 64 KiB are there or 15 ms passed. A
+    // caught-up consumer answered at the first byte re-fetches for every
+    // produce request: five of them kept the broker busier than the load did,
+    // and every tiny batch was a transaction of its own. 15 ms is well inside
+    // the freshness budget; under load 64 KiB arrive sooner than that.
+    ("fetch.min.bytes", "65536"),
+    ("fetch.wait.max.ms", "15"),
 ];
 
 /// Sets each of `defaults` that `config` (the operator's `kafka.properties`
@@ -98,6 +112,34 @@ fn set_defaults(config: &mut rdkafka::ClientConfig, defaults: &[(&str, &str)]) {
     for (key, value) in defaults {
         if config.get(key).is_none() {
             config.set(*key, *value);
+        }
+    }
+}
+
+/// What a batch keeps of one Kafka record. Not an `OwnedMessage`: detaching
+/// one copies its topic name and every header (nothing here reads headers),
+/// a dozen allocations per record that took a quarter of a projector's CPU.
+/// Here the topic name is shared and only the key and value are copied.
+#[derive(Debug)]
+struct Record {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    /// The producer's create time, milliseconds since the epoch.
+    timestamp_ms: Option<i64>,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+}
+
+impl Record {
+    fn copied_from(message: &BorrowedMessage<'_>, topic: Arc<str>) -> Record {
+        Record {
+            topic,
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
         }
     }
 }
@@ -358,6 +400,8 @@ pub struct ProjectorRuntime {
     options: RuntimeOptions,
     health: Health,
     dead_letter_producer: Option<rdkafka::producer::FutureProducer>,
+    /// One shared name per subscribed topic, handed to every record read.
+    topic_names: Vec<Arc<str>>,
 }
 
 impl std::fmt::Debug for ProjectorRuntime {
@@ -392,6 +436,11 @@ impl ProjectorRuntime {
             .map_err(|error| tracing::error!(%error, "dead-letter producer could not be created"))
             .ok()
         });
+        let topic_names = options
+            .topics
+            .iter()
+            .map(|t| Arc::from(t.as_str()))
+            .collect();
         ProjectorRuntime {
             projector,
             pool,
@@ -399,6 +448,7 @@ impl ProjectorRuntime {
             options,
             health,
             dead_letter_producer,
+            topic_names,
         }
     }
 
@@ -474,12 +524,9 @@ impl ProjectorRuntime {
             )
             // Skip records of aborted transactions written by other tools.
             .set("isolation.level", "read_committed")
-            // Fetch eagerly: batches of small events fill from one fetch.
-            .set("fetch.wait.max.ms", "10")
-            .set("fetch.min.bytes", "1")
             // Statistics feed the lag metrics (high watermarks per partition).
             .set("statistics.interval.ms", "1000");
-        set_defaults(&mut config, PREFETCH_BOUNDS);
+        set_defaults(&mut config, FETCH_DEFAULTS);
         let consumer: StreamConsumer<ProjectorContext> = config.create_with_context(context)?;
         let consumer = Arc::new(consumer);
         let topics: Vec<&str> = self.options.topics.iter().map(String::as_str).collect();
@@ -564,7 +611,7 @@ impl ProjectorRuntime {
         &self,
         consumer: &StreamConsumer<ProjectorContext>,
         shutdown: &CancellationToken,
-    ) -> Result<Vec<OwnedMessage>, RuntimeError> {
+    ) -> Result<Vec<Record>, RuntimeError> {
         let mut batch = Vec::new();
         // One stream for the whole batch: each `recv()` would register and
         // drop a waker slot per record.
@@ -598,16 +645,27 @@ impl ProjectorRuntime {
         Ok(batch)
     }
 
+    fn topic_name(&self, topic: &str) -> Arc<str> {
+        self.topic_names
+            .iter()
+            .find(|name| ***name == *topic)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(topic))
+    }
+
     fn accept(
         &self,
         received: Option<Result<rdkafka::message::BorrowedMessage<'_>, KafkaError>>,
-    ) -> Result<Option<OwnedMessage>, RuntimeError> {
+    ) -> Result<Option<Record>, RuntimeError> {
         // A consumer's stream never ends; `None` cannot happen.
         let Some(received) = received else {
             return Ok(None);
         };
         match received {
-            Ok(message) => Ok(Some(message.detach())),
+            Ok(message) => Ok(Some(Record::copied_from(
+                &message,
+                self.topic_name(message.topic()),
+            ))),
             // With auto.offset.reset=error librdkafka reports the reset it refused
             // to do; either code means a stored position is outside the log.
             Err(
@@ -639,22 +697,32 @@ impl ProjectorRuntime {
         consumer: &StreamConsumer<ProjectorContext>,
         positions: &Positions,
         unapplied: &Unapplied,
-        batch: Vec<OwnedMessage>,
+        batch: Vec<Record>,
         shutdown: &CancellationToken,
     ) -> bool {
         let name = self.projector.name();
         // Keep only records of partitions we still own, at or past our position.
-        let snapshot = lock(positions).clone();
-        let stop = self.options.stop_at.as_ref();
-        let batch: Vec<OwnedMessage> = batch
+        // Keys borrow the records' shared topic names: no allocation per record.
+        let snapshot: HashMap<(Arc<str>, i32), Option<i64>> = lock(positions)
+            .iter()
+            .map(|((topic, partition), next)| ((self.topic_name(topic), *partition), *next))
+            .collect();
+        let stop: Option<HashMap<(Arc<str>, i32), i64>> =
+            self.options.stop_at.as_ref().map(|stop| {
+                stop.iter()
+                    .map(|((topic, partition), end)| ((self.topic_name(topic), *partition), *end))
+                    .collect()
+            });
+        let batch: Vec<Record> = batch
             .into_iter()
-            .filter(|m| {
-                let key = (m.topic().to_owned(), m.partition());
-                let before_stop =
-                    stop.is_none_or(|stop| m.offset() < stop.get(&key).copied().unwrap_or(0));
+            .filter(|record| {
+                let key = (record.topic.clone(), record.partition);
+                let before_stop = stop
+                    .as_ref()
+                    .is_none_or(|stop| record.offset < stop.get(&key).copied().unwrap_or(0));
                 before_stop
                     && match snapshot.get(&key) {
-                        Some(Some(next)) => m.offset() >= *next,
+                        Some(Some(next)) => record.offset >= *next,
                         Some(None) => true,
                         None => false,
                     }
@@ -663,20 +731,28 @@ impl ProjectorRuntime {
         if batch.is_empty() {
             return true;
         }
-        let mut next_offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut ends: HashMap<(Arc<str>, i32), i64> = HashMap::new();
         let mut oldest_timestamps: Vec<((String, i32), i64)> = Vec::new();
-        for message in &batch {
-            let key = (message.topic().to_owned(), message.partition());
-            if !next_offsets.contains_key(&key)
-                && let Some(ts) = message.timestamp().to_millis()
+        for record in &batch {
+            let key = (record.topic.clone(), record.partition);
+            if !ends.contains_key(&key)
+                && let Some(ts) = record.timestamp_ms
             {
                 // Records of a partition arrive in log order: its first one
                 // here is the oldest it has not applied.
-                oldest_timestamps.push((key.clone(), ts));
+                oldest_timestamps.push(((record.topic.to_string(), record.partition), ts));
             }
-            let entry = next_offsets.entry(key).or_insert(0);
-            *entry = (*entry).max(message.offset() + 1);
+            let entry = ends.entry(key).or_insert(0);
+            *entry = (*entry).max(record.offset + 1);
         }
+        let next_offsets: BTreeMap<(String, i32), i64> = ends
+            .into_iter()
+            .map(|((topic, partition), next)| ((topic.to_string(), partition), next))
+            .collect();
+        let snapshot: HashMap<(String, i32), Option<i64>> = snapshot
+            .into_iter()
+            .map(|((topic, partition), next)| ((topic.to_string(), partition), next))
+            .collect();
         {
             let mut unapplied = lock(unapplied);
             for (key, ts) in oldest_timestamps {
@@ -761,17 +837,17 @@ impl ProjectorRuntime {
                 }
                 Err(ApplyError::Rejected { index, reason }) if index < events.len() => {
                     let event = events.remove(index);
-                    let raw = batch.iter().find(|m| {
-                        m.topic() == &*event.topic
-                            && m.partition() == event.partition
-                            && m.offset() == event.offset
+                    let raw = batch.iter().find(|record| {
+                        record.topic == event.topic
+                            && record.partition == event.partition
+                            && record.offset == event.offset
                     });
                     dead_letters.push(DeadLetter {
                         topic: event.topic.to_string(),
                         partition: event.partition,
                         offset: event.offset,
-                        key: raw.and_then(|m| m.key().map(<[u8]>::to_vec)),
-                        payload: raw.and_then(|m| m.payload().map(<[u8]>::to_vec)),
+                        key: raw.and_then(|record| record.key.clone()),
+                        payload: raw.and_then(|record| record.payload.clone()),
                         error_class: "rejected",
                         error_message: reason,
                     });
@@ -954,31 +1030,26 @@ fn reached(
 }
 
 /// Splits raw records into decoded events and dead letters.
-fn decode_batch(batch: &[OwnedMessage]) -> (Vec<Event>, Vec<DeadLetter>) {
+fn decode_batch(batch: &[Record]) -> (Vec<Event>, Vec<DeadLetter>) {
     let mut events = Vec::with_capacity(batch.len());
     let mut dead_letters = Vec::new();
-    let mut topic_names: HashMap<&str, Arc<str>> = HashMap::new();
-    for message in batch {
-        let topic = topic_names
-            .entry(message.topic())
-            .or_insert_with(|| Arc::from(message.topic()))
-            .clone();
-        match decode_envelope(message.payload().unwrap_or_default()) {
+    for record in batch {
+        match decode_envelope(record.payload.as_deref().unwrap_or_default()) {
             Ok(envelope) => events.push(Event {
-                topic,
-                partition: message.partition(),
-                offset: message.offset(),
-                timestamp_ms: message.timestamp().to_millis().unwrap_or_default(),
+                topic: record.topic.clone(),
+                partition: record.partition,
+                offset: record.offset,
+                timestamp_ms: record.timestamp_ms.unwrap_or_default(),
                 envelope,
             }),
             Err(error) => {
-                tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), %error, "dead letter");
+                tracing::warn!(topic = &*record.topic, partition = record.partition, offset = record.offset, %error, "dead letter");
                 dead_letters.push(DeadLetter {
-                    topic: message.topic().to_owned(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    key: message.key().map(<[u8]>::to_vec),
-                    payload: message.payload().map(<[u8]>::to_vec),
+                    topic: record.topic.to_string(),
+                    partition: record.partition,
+                    offset: record.offset,
+                    key: record.key.clone(),
+                    payload: record.payload.clone(),
                     error_class: error.class(),
                     error_message: error.to_string(),
                 })
@@ -1251,12 +1322,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn given_an_operator_setting_then_the_prefetch_default_leaves_it_and_fills_the_rest() {
+    fn given_an_operator_setting_then_the_fetch_default_leaves_it_and_fills_the_rest() {
         let mut config = rdkafka::ClientConfig::new();
         config.set("queued.max.messages.kbytes", "65536");
-        set_defaults(&mut config, PREFETCH_BOUNDS);
+        set_defaults(&mut config, FETCH_DEFAULTS);
         assert_eq!(config.get("queued.max.messages.kbytes"), Some("65536"));
-        for (key, value) in PREFETCH_BOUNDS
+        for (key, value) in FETCH_DEFAULTS
             .iter()
             .filter(|(key, _)| *key != "queued.max.messages.kbytes")
         {

@@ -34,7 +34,7 @@ const POSITION_COLUMNS: [(&str, &str, &str); 6] = [
     ("story", "choices", "log_offset"),
     ("story", "player_progress", "log_offset"),
     ("weather", "current_weather", "log_offset"),
-    ("weather", "weather_history", "log_offset"),
+    ("weather", "weather_changes", "log_offset"),
     ("worlds", "worlds", "status_offset"),
 ];
 

@@ -11,13 +11,14 @@ use std::time::Duration;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde_json::{Value, json};
-use worldline_schemas::pb::{InferenceOutcome, InferencePurpose};
+use worldline_schemas::WorldId;
+use worldline_schemas::pb::{Envelope, InferenceOutcome, InferencePurpose, WeatherCondition};
 use worldline_tests::api::{Server, content_type, read_token};
 use worldline_tests::pipeline::Pipeline;
 use worldline_tests::{TestEnv, eventually};
 
 use worldline_tests::fixture::{
-    BOUNDS, CHOICES, INFERENCES, InferenceSpec, OTHER_WORLD_MARKERS, events, purpose_name,
+    self, BOUNDS, CHOICES, INFERENCES, InferenceSpec, OTHER_WORLD_MARKERS, events, purpose_name,
 };
 
 /// The pipeline and the API, running.
@@ -28,14 +29,19 @@ struct Served {
 }
 
 impl Served {
-    /// Appends every event, projects them all, and serves the API.
+    /// Appends every event of the shared fixture, projects them all, and serves the API.
     async fn start() -> Served {
+        Served::over(&events()).await
+    }
+
+    /// Appends `history`, projects it all, and serves the API.
+    async fn over(history: &[Envelope]) -> Served {
         let mut env = TestEnv::new(2).await;
         env.settings.auth.tokens = vec![read_token("reader", READ_TOKEN)];
         // These tests send hundreds of requests at once; the limit has its own test.
         env.settings.auth.rate_limit_per_second = 1e6;
         env.settings.auth.rate_limit_burst = 1_000_000;
-        let pipeline = Pipeline::over(env, &events()).await;
+        let pipeline = Pipeline::over(env, history).await;
         let server = Server::query_api(&pipeline.env.settings).await;
         Served {
             pipeline,
@@ -995,5 +1001,190 @@ async fn given_bad_or_hostile_input_then_a_problem_naming_it_and_never_a_5xx_or_
         "application/problem+json"
     );
 
+    api.stop().await;
+}
+
+/// A weather period as the API and the `weather_history` view give it:
+/// (valid_from_tick, valid_to_tick, condition).
+type Period = (i64, Option<i64>, String);
+
+fn periods_of(items: &[Value]) -> Vec<Period> {
+    items
+        .iter()
+        .map(|p| {
+            (
+                p["valid_from_tick"].as_i64().unwrap(),
+                p["valid_to_tick"].as_i64(),
+                p["condition"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_weather_changes_out_of_tick_order_and_two_at_one_tick_then_as_of_and_history_answer_the_derived_periods()
+ {
+    use WeatherCondition::{Clear, Cloudy, Fog, Rain, Snow, Storm, Unspecified};
+    let world = WorldId::parse("driftwood").unwrap();
+    let change = |tick, region, condition, previous| {
+        fixture::weather(&world, tick, region, condition, previous)
+    };
+    let history = [
+        fixture::created(&world, "Driftwood", &["north", "coast"]),
+        change(1, "north", Clear, Unspecified),
+        change(10, "north", Snow, Clear),
+        // A second change at tick 10: the snow lasted no tick at all.
+        change(10, "north", Rain, Snow),
+        change(25, "north", Fog, Storm),
+        // Logged after tick 25, in force from tick 18.
+        change(18, "north", Storm, Rain),
+        change(12, "coast", Cloudy, Unspecified),
+    ];
+    let api = Served::over(&history).await;
+    let period = |from, to, condition: &str| (from, to, condition.to_owned());
+    let north: Vec<Period> = vec![
+        period(1, Some(10), "clear"),
+        period(10, Some(10), "snow"),
+        period(10, Some(18), "rain"),
+        period(18, Some(25), "storm"),
+        period(25, None, "fog"),
+    ];
+    let viewed: Vec<Period> = sqlx::query_as(
+        "SELECT valid_from_tick, valid_to_tick, condition FROM weather.weather_history
+          WHERE world_id = 'driftwood' AND region = 'north'
+          ORDER BY valid_from_tick, log_offset",
+    )
+    .fetch_all(&api.pipeline.env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        viewed, north,
+        "the view derives each end from the next change"
+    );
+
+    let history_path = ["v1", "worlds", "driftwood", "weather", "north", "history"];
+    let everything = api.ok(&history_path, &[]).await;
+    assert_eq!(periods_of(items(&everything)), north);
+    let fields = |item: &Value| {
+        item.as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        fields(&items(&everything)[0]),
+        [
+            "condition",
+            "event_id",
+            "occurred_at",
+            "precipitation_dmmph",
+            "previous_condition",
+            "temperature_dc",
+            "valid_from_tick",
+            "valid_to_tick",
+            "wind_dmps"
+        ]
+    );
+    let started_by: BTreeMap<(i64, String), Value> = items(&everything)
+        .iter()
+        .map(|p| {
+            let key = (
+                p["valid_from_tick"].as_i64().unwrap(),
+                p["condition"].as_str().unwrap().to_owned(),
+            );
+            (key, p["event_id"].clone())
+        })
+        .collect();
+
+    // As of each tick: the period in force then, which is never the zero-length one.
+    for tick in 0..=30i64 {
+        let page = api
+            .ok(
+                &["v1", "worlds", "driftwood", "weather"],
+                &[("at_tick", &tick.to_string())],
+            )
+            .await;
+        let expected_regions: Vec<&str> = match tick {
+            0 => vec![],
+            1..=11 => vec!["north"],
+            _ => vec!["coast", "north"],
+        };
+        assert_eq!(
+            field(items(&page), "region"),
+            expected_regions,
+            "at tick {tick}"
+        );
+        let Some(got) = items(&page).iter().find(|r| r["region"] == "north") else {
+            continue;
+        };
+        let in_force = north.iter().rfind(|(from, _, _)| *from <= tick).unwrap();
+        assert!(in_force.1.is_none_or(|to| to > tick), "at tick {tick}");
+        assert_eq!(
+            (
+                got["since_tick"].as_i64().unwrap(),
+                got["until_tick"].as_i64(),
+                got["condition"].as_str().unwrap().to_owned()
+            ),
+            in_force.clone(),
+            "north at tick {tick}"
+        );
+        assert_eq!(
+            got["event_id"],
+            started_by[&(in_force.0, in_force.2.clone())],
+            "at tick {tick}"
+        );
+        if let Some(coast) = items(&page).iter().find(|r| r["region"] == "coast") {
+            assert_eq!(
+                (&coast["since_tick"], &coast["until_tick"]),
+                (&json!(12), &Value::Null)
+            );
+        }
+    }
+    let at_10 = api
+        .ok(
+            &["v1", "worlds", "driftwood", "weather"],
+            &[("at_tick", "10")],
+        )
+        .await;
+    assert_eq!(
+        items(&at_10)[0]["condition"],
+        "rain",
+        "the later change at tick 10"
+    );
+    assert_eq!(items(&at_10)[0]["until_tick"], 18);
+
+    // History over every range between these ticks, in one page and walked two by two.
+    let ticks: [i64; 14] = [0, 1, 2, 9, 10, 11, 17, 18, 19, 24, 25, 26, 30, i64::MAX];
+    for from in ticks {
+        for to in ticks {
+            let overlapping: Vec<Period> = north
+                .iter()
+                .filter(|(start, end, _)| *start <= to && end.is_none_or(|end| end > from))
+                .cloned()
+                .collect();
+            let (from_s, to_s) = (from.to_string(), to.to_string());
+            let range = [("from_tick", from_s.as_str()), ("to_tick", to_s.as_str())];
+            let page = api.ok(&history_path, &range).await;
+            assert_eq!(periods_of(items(&page)), overlapping, "from {from} to {to}");
+            assert_eq!(
+                periods_of(&api.walk(&history_path, &range, 2).await),
+                overlapping,
+                "from {from} to {to}, two by two"
+            );
+        }
+    }
+    let zero_length = api
+        .ok(&history_path, &[("from_tick", "9"), ("to_tick", "10")])
+        .await;
+    assert_eq!(
+        periods_of(items(&zero_length)),
+        vec![
+            period(1, Some(10), "clear"),
+            period(10, Some(10), "snow"),
+            period(10, Some(18), "rain")
+        ],
+        "a zero-length period after from_tick overlaps"
+    );
     api.stop().await;
 }

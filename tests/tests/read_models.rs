@@ -353,3 +353,132 @@ async fn given_a_world_created_twice_when_the_creations_fall_in_separate_batches
     }
     env.cleanup().await;
 }
+
+/// A region's periods as the `weather_history` view of `schema` derives them:
+/// (valid_from_tick, valid_to_tick, condition, log_offset) in (tick, offset) order.
+async fn weather_periods(
+    env: &TestEnv,
+    schema: &SchemaName,
+    region: &str,
+) -> Vec<(i64, Option<i64>, String, i64)> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT valid_from_tick, valid_to_tick, condition, log_offset
+           FROM {}.weather_history
+          WHERE world_id = 'emberfall' AND region = $1
+          ORDER BY valid_from_tick, log_offset",
+        schema.as_str()
+    )))
+    .bind(region)
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_weather_history_when_later_batches_bring_changes_before_a_regions_latest_tick_then_every_period_ends_at_the_next_change()
+ {
+    let env = TestEnv::new(1).await;
+    let world = WorldId::parse("emberfall").unwrap();
+    use WeatherCondition::{Clear, Cloudy, Fog, Rain, Snow};
+    let weather = |tick, region, condition| {
+        fixture::weather_changed(&world, tick, region, condition, Clear, 125, 40)
+    };
+    let mut log = vec![
+        // First batch: in tick order per region.
+        weather(2, "north", Clear),
+        weather(10, "north", Snow),
+        weather(5, "coast", Rain),
+        weather(20, "north", Clear),
+        // Second batch: north between its changes, before its first, and at a
+        // tick it already has; coast before its only change.
+        weather(15, "north", Fog),
+        weather(1, "north", Rain),
+        weather(10, "north", Rain),
+        weather(3, "coast", Cloudy),
+    ];
+    // Third batch: a producer retry of the tick-15 change.
+    log.push(log[4].clone());
+    let events: Vec<Event> = log
+        .into_iter()
+        .enumerate()
+        .map(|(offset, envelope)| Event {
+            topic: Arc::from(env.topic(worldline_schemas::Family::Weather)),
+            partition: 0,
+            offset: offset as i64,
+            timestamp_ms: 0,
+            envelope,
+        })
+        .collect();
+
+    let batches = apply_in_batches(
+        &env,
+        &WeatherProjector,
+        "weather_batches",
+        &events,
+        &[4, 4, 1],
+    )
+    .await;
+
+    let north = weather_periods(&env, &batches, "north").await;
+    let coast = weather_periods(&env, &batches, "coast").await;
+    let period = |from, to, condition: &str, offset| (from, to, condition.to_owned(), offset);
+    assert_eq!(
+        north,
+        vec![
+            period(1, Some(2), "rain", 5),
+            period(2, Some(10), "clear", 0),
+            // Two changes at one tick: the earlier in the log lasts no tick.
+            period(10, Some(10), "snow", 1),
+            period(10, Some(15), "rain", 6),
+            period(15, Some(20), "fog", 4),
+            period(20, None, "clear", 3),
+        ]
+    );
+    assert_eq!(
+        coast,
+        vec![period(3, Some(5), "cloudy", 7), period(5, None, "rain", 2)]
+    );
+    for periods in [&north, &coast] {
+        let starts: Vec<Option<i64>> = periods.iter().skip(1).map(|p| Some(p.0)).collect();
+        let ends: Vec<Option<i64>> = periods.iter().map(|p| p.1).collect();
+        assert_eq!(
+            ends,
+            [starts, vec![None]].concat(),
+            "each period ends where the next change starts, the last runs on"
+        );
+    }
+    let current: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT region, condition, since_tick FROM weather_batches.current_weather ORDER BY region",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        current,
+        vec![
+            ("coast".to_owned(), "rain".to_owned(), 5),
+            ("north".to_owned(), "clear".to_owned(), 20)
+        ],
+        "an earlier tick never becomes the current weather"
+    );
+
+    // However the log is cut into batches, the tables hold the same rows.
+    let reference = worldline_projectors::verify::table_checksums(&env.pool, &batches)
+        .await
+        .unwrap();
+    let whole = apply_in_batches(&env, &WeatherProjector, "weather_whole", &events, &[9]).await;
+    let one_by_one =
+        apply_in_batches(&env, &WeatherProjector, "weather_single", &events, &[1; 9]).await;
+    for other in [whole, one_by_one] {
+        let checksums = worldline_projectors::verify::table_checksums(&env.pool, &other)
+            .await
+            .unwrap();
+        assert_eq!(
+            worldline_projectors::verify::differences(&reference, &checksums),
+            Vec::<String>::new(),
+            "{} differs from three batches",
+            other.as_str()
+        );
+    }
+    env.cleanup().await;
+}

@@ -35,7 +35,6 @@ pub enum Values<'a> {
     Name(&'a [&'static str]),
     Int4(&'a [i32]),
     Int8(&'a [i64]),
-    Int8OrNull(&'a [Option<i64>]),
     Timestamptz(&'a [DateTime<Utc>]),
     Jsonb(&'a [serde_json::Value]),
 }
@@ -48,7 +47,6 @@ impl Values<'_> {
             Values::Name(v) => v.len(),
             Values::Int4(v) => v.len(),
             Values::Int8(v) => v.len(),
-            Values::Int8OrNull(v) => v.len(),
             Values::Timestamptz(v) => v.len(),
             Values::Jsonb(v) => v.len(),
         }
@@ -59,7 +57,7 @@ impl Values<'_> {
             Values::Uuid(_) => "uuid[]",
             Values::Text(_) | Values::Name(_) => "text[]",
             Values::Int4(_) => "int[]",
-            Values::Int8(_) | Values::Int8OrNull(_) => "bigint[]",
+            Values::Int8(_) => "bigint[]",
             Values::Timestamptz(_) => "timestamptz[]",
             Values::Jsonb(_) => "jsonb[]",
         }
@@ -72,7 +70,6 @@ impl Values<'_> {
             Values::Name(v) => rows.text(v[row]),
             Values::Int4(v) => rows.int4(v[row]),
             Values::Int8(v) => rows.int8(v[row]),
-            Values::Int8OrNull(v) => rows.int8_or_null(v[row]),
             Values::Timestamptz(v) => rows.timestamptz(v[row]),
             Values::Jsonb(v) => rows.jsonb(&v[row]),
         };
@@ -123,7 +120,6 @@ pub async fn append(
             Values::Name(v) => insert.bind(v),
             Values::Int4(v) => insert.bind(v),
             Values::Int8(v) => insert.bind(v),
-            Values::Int8OrNull(v) => insert.bind(v),
             Values::Timestamptz(v) => insert.bind(v),
             Values::Jsonb(v) => insert.bind(v),
         };
@@ -197,13 +193,6 @@ impl BinaryRows {
 
     pub fn int8(&mut self, value: i64) -> &mut Self {
         self.field(&value.to_be_bytes())
-    }
-
-    pub fn int8_or_null(&mut self, value: Option<i64>) -> &mut Self {
-        match value {
-            Some(value) => self.int8(value),
-            None => self.null(),
-        }
     }
 
     pub fn timestamptz(&mut self, value: DateTime<Utc>) -> &mut Self {

@@ -1,10 +1,13 @@
 //! The weather read model: each region's current weather, and its history as
-//! periods `[valid_from_tick, valid_to_tick)` so "weather as of tick N" is one
-//! index probe.
+//! an append-only log of changes (`weather_changes`).
 //!
-//! Weather events of a world arrive in tick order (one partition per world, and
-//! the weather producer emits in tick order), so a batch only ever appends periods
-//! after the region's open one.
+//! A period `[valid_from_tick, valid_to_tick)` is not stored: it ends where the
+//! region's next change in (tick, log offset) order starts, and readers find
+//! that change with one probe of the same index that answers "the last change
+//! at or before tick N". So a batch never rewrites a row it appended before,
+//! and a change that arrives after a later tick of its region (weather events
+//! of a world normally come in tick order) needs nothing special: the
+//! periods around it are derived from the rows as they now stand.
 
 use std::collections::HashMap;
 
@@ -42,37 +45,7 @@ struct Rows {
     log_offset: Vec<i64>,
 }
 
-/// Each region's earliest new change in a batch, by (tick, log offset).
-#[derive(Default)]
-struct Firsts(HashMap<(String, String), (i64, i64)>);
-
-impl Firsts {
-    fn columns(self) -> (Vec<String>, Vec<String>, Vec<i64>, Vec<i64>) {
-        let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for ((world, region), (tick, offset)) in self.0 {
-            columns.0.push(world);
-            columns.1.push(region);
-            columns.2.push(tick);
-            columns.3.push(offset);
-        }
-        columns
-    }
-}
-
 impl Rows {
-    fn first_per_region(&self) -> Firsts {
-        let mut firsts = Firsts::default();
-        for i in 0..self.event_id.len() {
-            let at = (self.tick[i], self.log_offset[i]);
-            let entry = firsts
-                .0
-                .entry((self.world_id[i].clone(), self.region[i].clone()))
-                .or_insert(at);
-            *entry = (*entry).min(at);
-        }
-        firsts
-    }
-
     /// The row of each region's latest change, by (tick, log offset).
     fn latest_per_region(&self) -> Vec<usize> {
         let mut latest: HashMap<(&str, &str), usize> = HashMap::new();
@@ -87,36 +60,6 @@ impl Rows {
         let mut rows: Vec<usize> = latest.into_values().collect();
         rows.sort_unstable();
         rows
-    }
-
-    /// For each row, the tick of the next change of its region among these
-    /// rows in (tick, log offset) order; `None` for each region's last.
-    fn successor_ticks(&self) -> Vec<Option<i64>> {
-        let mut order: Vec<usize> = (0..self.event_id.len()).collect();
-        order.sort_by(|a, b| {
-            (
-                &self.world_id[*a],
-                &self.region[*a],
-                self.tick[*a],
-                self.log_offset[*a],
-            )
-                .cmp(&(
-                    &self.world_id[*b],
-                    &self.region[*b],
-                    self.tick[*b],
-                    self.log_offset[*b],
-                ))
-        });
-        let mut next = vec![None; order.len()];
-        for pair in order.windows(2) {
-            let (this, following) = (pair[0], pair[1]);
-            if self.world_id[this] == self.world_id[following]
-                && self.region[this] == self.region[following]
-            {
-                next[this] = Some(self.tick[following]);
-            }
-        }
-        next
     }
 }
 
@@ -145,7 +88,7 @@ impl Projector for WeatherProjector {
             });
             // A redelivered event (its id already stored) must not move anything.
             let mut rows = Rows::default();
-            for i in fresh::unseen(tx, "weather_history", &ids).await? {
+            for i in fresh::unseen(tx, "weather_changes", &ids).await? {
                 let (event, change) = changes[i];
                 let envelope = &event.envelope;
                 rows.event_id.push(envelope.event_uuid());
@@ -163,42 +106,14 @@ impl Projector for WeatherProjector {
             if rows.event_id.is_empty() {
                 return Ok(());
             }
-            // Each new period is valid until the next change of its region.
-            // Usually every new change comes after the region's open period
-            // (one partition per world, emitted in tick order): then the links
-            // are known before inserting, and only the open periods are
-            // updated. A change that lands before the open period re-links
-            // the region's periods from that tick on.
-            let firsts = rows.first_per_region();
-            let (worlds, regions, first_ticks, first_offsets) = firsts.columns();
-            let open: Vec<(uuid::Uuid, i64, bool)> = sqlx::query_as(
-                "SELECT c.event_id, p.first_tick,
-                        (p.first_tick, p.first_offset) > (c.since_tick, c.log_offset)
-                   FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-                     AS p(world_id, region, first_tick, first_offset)
-                   JOIN current_weather c USING (world_id, region)",
-            )
-            .bind(&worlds)
-            .bind(&regions)
-            .bind(&first_ticks)
-            .bind(&first_offsets)
-            .fetch_all(&mut *tx)
-            .await?;
-            let in_order = open.iter().all(|(_, _, after)| *after);
-            let valid_to = if in_order {
-                rows.successor_ticks()
-            } else {
-                vec![None; rows.event_id.len()]
-            };
             append(
                 tx,
-                "weather_history",
+                "weather_changes",
                 &[
                     ("event_id", Values::Uuid(&rows.event_id)),
                     ("world_id", Values::Text(&rows.world_id)),
                     ("region", Values::Text(&rows.region)),
                     ("valid_from_tick", Values::Int8(&rows.tick)),
-                    ("valid_to_tick", Values::Int8OrNull(&valid_to)),
                     ("condition", Values::Name(&rows.condition)),
                     ("previous_condition", Values::Name(&rows.previous)),
                     ("temperature_dc", Values::Int4(&rows.temperature)),
@@ -209,46 +124,7 @@ impl Projector for WeatherProjector {
                 ],
             )
             .await?;
-            if in_order {
-                // Each region's open period ends where its first new one starts.
-                let (open_ids, ends): (Vec<uuid::Uuid>, Vec<i64>) =
-                    open.iter().map(|(id, first, _)| (*id, *first)).unzip();
-                sqlx::query(
-                    "UPDATE weather_history h SET valid_to_tick = u.valid_to
-                       FROM UNNEST($1::uuid[], $2::bigint[]) AS u(event_id, valid_to)
-                      WHERE h.event_id = u.event_id AND h.valid_to_tick IS DISTINCT FROM u.valid_to",
-                )
-                .bind(&open_ids)
-                .bind(&ends)
-                .execute(&mut *tx)
-                .await?;
-            } else {
-                sqlx::query(
-                    "WITH pairs AS (
-                         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS p(world_id, region, first_tick)
-                     ), candidates AS (
-                         SELECT h.event_id,
-                                lead(h.valid_from_tick) OVER (
-                                    PARTITION BY h.world_id, h.region ORDER BY h.valid_from_tick, h.log_offset
-                                ) AS next_from,
-                                h.valid_to_tick
-                           FROM weather_history h
-                           JOIN pairs p ON p.world_id = h.world_id AND p.region = h.region
-                          WHERE h.valid_to_tick IS NULL OR h.valid_from_tick >= p.first_tick
-                     )
-                     UPDATE weather_history h SET valid_to_tick = c.next_from
-                       FROM candidates c
-                      WHERE h.event_id = c.event_id
-                        AND c.next_from IS NOT NULL
-                        AND h.valid_to_tick IS DISTINCT FROM c.next_from",
-                )
-                .bind(&worlds)
-                .bind(&regions)
-                .bind(&first_ticks)
-                .execute(&mut *tx)
-                .await?;
-            }
-            // "Current" moves to each region's latest new period, never backwards.
+            // "Current" moves to each region's latest new change, never backwards.
             let latest = rows.latest_per_region();
             sqlx::query(
                 "INSERT INTO current_weather AS c (world_id, region, condition, temperature_dc,

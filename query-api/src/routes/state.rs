@@ -170,7 +170,7 @@ struct WorldRow {
 ///
 /// The same shape and values as the state `worldline world <world> --at-tick N`
 /// folds from the log, answered from the read models' history:
-/// weather from `weather.weather_history` (per region, the change with the
+/// weather from `weather.weather_changes` (per region, the change with the
 /// highest tick, then log position, at or before `at_tick`); story progress
 /// from `story.choices` (per player and story, the next node of the last choice
 /// in log order at or before `at_tick`, and the number of choices); inference
@@ -292,7 +292,7 @@ struct RegionRow {
     weather: RegionWeatherState,
 }
 
-/// One probe of `weather_history_as_of` per region the world ever had weather in.
+/// One probe of `weather_changes_as_of` per region the world ever had weather in.
 async fn weather_as_of(
     tx: &mut Transaction<'_, Postgres>,
     world: &str,
@@ -303,7 +303,7 @@ async fn weather_as_of(
                 h.valid_from_tick AS since_tick
            FROM weather.current_weather c
           CROSS JOIN LATERAL (
-                SELECT * FROM weather.weather_history h
+                SELECT * FROM weather.weather_changes h
                  WHERE h.world_id = c.world_id AND h.region = c.region
                    AND h.valid_from_tick <= $2
                  ORDER BY h.valid_from_tick DESC, h.log_offset DESC

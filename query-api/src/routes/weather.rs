@@ -2,8 +2,16 @@
 //!
 //! "As of a tick" is `GET /v1/worlds/{world}/weather?at_tick=N`: the same list
 //! and item shape as the current weather, so a client switches between now and
-//! then with one parameter. Each region costs one probe of the
-//! `weather_history_as_of` index (the last period starting at or before N).
+//! then with one parameter.
+//!
+//! History is stored as changes (`weather.weather_changes`), not periods: a
+//! period lasts from its change's tick until the region's next change in
+//! (tick, log position) order. Both the change in force at a tick and the
+//! change after a given one are one descent of the `weather_changes_as_of`
+//! index, so each region or period costs one or two probes however long the
+//! region's history is. (The `weather.weather_history` view derives the same
+//! periods with a window over a region's whole history: fine for a person at a
+//! SQL prompt, not per request.)
 
 use axum::Json;
 use axum::extract::State;
@@ -169,7 +177,8 @@ async fn current_rows(
 }
 
 /// The region list comes from `current_weather` (every region that ever had
-/// weather has a row there); each region is then one index probe.
+/// weather has a row there); each region is then two index probes: its last
+/// change at or before the tick, and the change after that one, which ended it.
 async fn as_of_rows(
     state: &AppState,
     world: &WorldId,
@@ -179,11 +188,11 @@ async fn as_of_rows(
     // Only the conditions that apply: see `crate::connect_reader`.
     let mut sql = QueryBuilder::new(
         "SELECT c.region, h.condition, h.temperature_dc, h.wind_dmps, h.precipitation_dmmph,
-                h.valid_from_tick AS since_tick, h.valid_to_tick AS until_tick,
+                h.valid_from_tick AS since_tick, n.valid_from_tick AS until_tick,
                 h.event_id, h.occurred_at
            FROM weather.current_weather c
           CROSS JOIN LATERAL (
-                SELECT * FROM weather.weather_history h
+                SELECT * FROM weather.weather_changes h
                  WHERE h.world_id = c.world_id AND h.region = c.region
                    AND h.valid_from_tick <= ",
     );
@@ -192,6 +201,12 @@ async fn as_of_rows(
             "
                  ORDER BY h.valid_from_tick DESC, h.log_offset DESC
                  LIMIT 1) h
+           LEFT JOIN LATERAL (
+                SELECT n.valid_from_tick FROM weather.weather_changes n
+                 WHERE n.world_id = h.world_id AND n.region = h.region
+                   AND (n.valid_from_tick, n.log_offset) > (h.valid_from_tick, h.log_offset)
+                 ORDER BY n.valid_from_tick, n.log_offset
+                 LIMIT 1) n ON true
           WHERE c.world_id = ",
         )
         .push_bind(world.as_str());
@@ -265,23 +280,70 @@ async fn region_history(
         page.limit.as_deref(),
         page.cursor.as_deref(),
     )?;
+    // A change starting at s, followed by one at s', is the period [s, s'): it
+    // overlaps when s <= to_tick and s' is missing or after from_tick. Changes
+    // before the region's last one at or before from_tick cannot overlap (the
+    // change after each is at or before from_tick too), and every change from
+    // that one on ends after from_tick, so the answer is the run from that
+    // change (from the first when there is none) up to to_tick. The scan
+    // starts there, or at the cursor when that lies further on: a page costs
+    // one descent of the index plus one probe per period for its end, however
+    // long the history before it. The overlap test stays on each row as the
+    // definition; the scan start only skips rows it would reject.
+    let after = request.after;
+    let (scan_tick, scan_offset) =
+        after.map_or((i64::MIN, i64::MIN), |(tick, offset, _)| (tick, offset));
     // Only the conditions that apply: see `crate::connect_reader`.
     let mut sql = QueryBuilder::new(
-        "SELECT valid_from_tick, valid_to_tick, condition, previous_condition, temperature_dc,
-                wind_dmps, precipitation_dmmph, event_id, occurred_at, log_offset
-           FROM weather.weather_history
-          WHERE world_id = ",
+        "WITH scan_start AS (
+              SELECT * FROM (
+                     (SELECT a.valid_from_tick, a.log_offset FROM weather.weather_changes a
+                       WHERE a.world_id = ",
     );
     sql.push_bind(world.as_str())
-        .push(" AND region = ")
+        .push(" AND a.region = ")
         .push_bind(&region)
-        .push(" AND valid_from_tick <= ")
+        .push(" AND a.valid_from_tick <= ")
+        .push_bind(from_tick)
+        .push(
+            "
+                       ORDER BY a.valid_from_tick DESC, a.log_offset DESC
+                       LIMIT 1)
+                     UNION ALL SELECT ",
+        )
+        .push_bind(scan_tick)
+        .push(", ")
+        .push_bind(scan_offset)
+        .push(
+            ") s
+               ORDER BY valid_from_tick DESC, log_offset DESC
+               LIMIT 1)
+         SELECT h.valid_from_tick, n.valid_from_tick AS valid_to_tick, h.condition,
+                h.previous_condition, h.temperature_dc, h.wind_dmps, h.precipitation_dmmph,
+                h.event_id, h.occurred_at, h.log_offset
+           FROM weather.weather_changes h
+           LEFT JOIN LATERAL (
+                SELECT n.valid_from_tick FROM weather.weather_changes n
+                 WHERE n.world_id = h.world_id AND n.region = h.region
+                   AND (n.valid_from_tick, n.log_offset) > (h.valid_from_tick, h.log_offset)
+                 ORDER BY n.valid_from_tick, n.log_offset
+                 LIMIT 1) n ON true
+          WHERE h.world_id = ",
+        )
+        .push_bind(world.as_str())
+        .push(" AND h.region = ")
+        .push_bind(&region)
+        .push(
+            " AND (h.valid_from_tick, h.log_offset)
+                 >= ((SELECT valid_from_tick FROM scan_start), (SELECT log_offset FROM scan_start))
+            AND h.valid_from_tick <= ",
+        )
         .push_bind(to_tick)
-        .push(" AND (valid_to_tick IS NULL OR valid_to_tick > ")
+        .push(" AND (n.valid_from_tick IS NULL OR n.valid_from_tick > ")
         .push_bind(from_tick)
         .push(")");
-    if let Some((after_tick, after_offset, after_id)) = request.after {
-        sql.push(" AND (valid_from_tick, log_offset, event_id) > (")
+    if let Some((after_tick, after_offset, after_id)) = after {
+        sql.push(" AND (h.valid_from_tick, h.log_offset, h.event_id) > (")
             .push_bind(after_tick)
             .push(", ")
             .push_bind(after_offset)
@@ -289,7 +351,7 @@ async fn region_history(
             .push_bind(after_id)
             .push(")");
     }
-    sql.push(" ORDER BY valid_from_tick, log_offset, event_id LIMIT ")
+    sql.push(" ORDER BY h.valid_from_tick, h.log_offset, h.event_id LIMIT ")
         .push_bind(request.fetch());
     let rows: Vec<WeatherPeriod> = state.readers.fetch_all(sql.build_query_as()).await?;
     let page = pagination::page(HISTORY, rows, request.limit, |p| {
