@@ -337,21 +337,27 @@ async fn given_a_world_created_twice_when_the_creations_fall_in_separate_batches
             .await
             .unwrap();
     assert_eq!((name.as_str(), status.as_str()), ("Twice", "paused"));
-    let reference = worldline_projectors::verify::table_checksums(&env.pool, &whole)
+    assert_same_tables(&env, &whole, &[split, one_by_one]).await;
+    env.cleanup().await;
+}
+
+/// Every table of each of `others` has the same checksum as in `reference`.
+async fn assert_same_tables(env: &TestEnv, reference: &SchemaName, others: &[SchemaName]) {
+    let expected = worldline_projectors::verify::table_checksums(&env.pool, reference)
         .await
         .unwrap();
-    for other in [split, one_by_one] {
-        let checksums = worldline_projectors::verify::table_checksums(&env.pool, &other)
+    for other in others {
+        let checksums = worldline_projectors::verify::table_checksums(&env.pool, other)
             .await
             .unwrap();
         assert_eq!(
-            worldline_projectors::verify::differences(&reference, &checksums),
+            worldline_projectors::verify::differences(&expected, &checksums),
             Vec::<String>::new(),
-            "{} differs from one batch",
-            other.as_str()
+            "{} differs from {}",
+            other.as_str(),
+            reference.as_str()
         );
     }
-    env.cleanup().await;
 }
 
 /// A region's periods as the `weather_history` view of `schema` derives them:
@@ -463,22 +469,9 @@ async fn given_weather_history_when_later_batches_bring_changes_before_a_regions
     );
 
     // However the log is cut into batches, the tables hold the same rows.
-    let reference = worldline_projectors::verify::table_checksums(&env.pool, &batches)
-        .await
-        .unwrap();
     let whole = apply_in_batches(&env, &WeatherProjector, "weather_whole", &events, &[9]).await;
     let one_by_one =
         apply_in_batches(&env, &WeatherProjector, "weather_single", &events, &[1; 9]).await;
-    for other in [whole, one_by_one] {
-        let checksums = worldline_projectors::verify::table_checksums(&env.pool, &other)
-            .await
-            .unwrap();
-        assert_eq!(
-            worldline_projectors::verify::differences(&reference, &checksums),
-            Vec::<String>::new(),
-            "{} differs from three batches",
-            other.as_str()
-        );
-    }
+    assert_same_tables(&env, &batches, &[whole, one_by_one]).await;
     env.cleanup().await;
 }

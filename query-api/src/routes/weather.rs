@@ -176,6 +176,18 @@ async fn current_rows(
     Ok(state.readers.fetch_all(sql.build_query_as()).await?)
 }
 
+/// Joins to each change `h` the region's next change `n`, whose tick ends
+/// `h`'s period (none for the period still running): one probe of
+/// `weather_changes_as_of`, walked backwards.
+const NEXT_CHANGE: &str = "
+           LEFT JOIN LATERAL (
+                SELECT n.valid_from_tick FROM weather.weather_changes n
+                 WHERE n.world_id = h.world_id AND n.region = h.region
+                   AND (n.valid_from_tick, n.log_offset) > (h.valid_from_tick, h.log_offset)
+                 ORDER BY n.valid_from_tick, n.log_offset
+                 LIMIT 1) n ON true
+";
+
 /// The region list comes from `current_weather` (every region that ever had
 /// weather has a row there); each region is then two index probes: its last
 /// change at or before the tick, and the change after that one, which ended it.
@@ -200,15 +212,10 @@ async fn as_of_rows(
         .push(
             "
                  ORDER BY h.valid_from_tick DESC, h.log_offset DESC
-                 LIMIT 1) h
-           LEFT JOIN LATERAL (
-                SELECT n.valid_from_tick FROM weather.weather_changes n
-                 WHERE n.world_id = h.world_id AND n.region = h.region
-                   AND (n.valid_from_tick, n.log_offset) > (h.valid_from_tick, h.log_offset)
-                 ORDER BY n.valid_from_tick, n.log_offset
-                 LIMIT 1) n ON true
-          WHERE c.world_id = ",
+                 LIMIT 1) h",
         )
+        .push(NEXT_CHANGE)
+        .push(" WHERE c.world_id = ")
         .push_bind(world.as_str());
     if let Some(after) = request.after.as_deref() {
         sql.push(" AND c.region > ").push_bind(after);
@@ -321,15 +328,10 @@ async fn region_history(
          SELECT h.valid_from_tick, n.valid_from_tick AS valid_to_tick, h.condition,
                 h.previous_condition, h.temperature_dc, h.wind_dmps, h.precipitation_dmmph,
                 h.event_id, h.occurred_at, h.log_offset
-           FROM weather.weather_changes h
-           LEFT JOIN LATERAL (
-                SELECT n.valid_from_tick FROM weather.weather_changes n
-                 WHERE n.world_id = h.world_id AND n.region = h.region
-                   AND (n.valid_from_tick, n.log_offset) > (h.valid_from_tick, h.log_offset)
-                 ORDER BY n.valid_from_tick, n.log_offset
-                 LIMIT 1) n ON true
-          WHERE h.world_id = ",
+           FROM weather.weather_changes h",
         )
+        .push(NEXT_CHANGE)
+        .push(" WHERE h.world_id = ")
         .push_bind(world.as_str())
         .push(" AND h.region = ")
         .push_bind(&region)
