@@ -173,12 +173,7 @@ async fn given_a_mixed_workload_with_redeliveries_then_every_read_model_counts_e
     assert_eq!(row.9, serde_json::json!(["north", "coast"]));
 
     // weather: current per region, and history periods closed by their successors.
-    let current: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT region, condition, since_tick FROM weather.current_weather ORDER BY region",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let current = current_weather(&env, "weather").await;
     assert_eq!(
         current,
         vec![
@@ -360,6 +355,16 @@ async fn assert_same_tables(env: &TestEnv, reference: &SchemaName, others: &[Sch
     }
 }
 
+/// (region, condition, since_tick) of every region in `schema`'s `current_weather`.
+async fn current_weather(env: &TestEnv, schema: &str) -> Vec<(String, String, i64)> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT region, condition, since_tick FROM {schema}.current_weather ORDER BY region"
+    )))
+    .fetch_all(&env.pool)
+    .await
+    .unwrap()
+}
+
 /// A region's periods as the `weather_history` view of `schema` derives them:
 /// (valid_from_tick, valid_to_tick, condition, log_offset) in (tick, offset) order.
 async fn weather_periods(
@@ -453,12 +458,7 @@ async fn given_weather_history_when_later_batches_bring_changes_before_a_regions
             "each period ends where the next change starts, the last runs on"
         );
     }
-    let current: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT region, condition, since_tick FROM weather_batches.current_weather ORDER BY region",
-    )
-    .fetch_all(&env.pool)
-    .await
-    .unwrap();
+    let current = current_weather(&env, "weather_batches").await;
     assert_eq!(
         current,
         vec![
