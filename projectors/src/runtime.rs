@@ -653,6 +653,16 @@ impl ProjectorRuntime {
             .unwrap_or_else(|| Arc::from(topic))
     }
 
+    /// `map` with each topic name replaced by the shared one records carry.
+    fn keyed_by_shared_topic<V: Copy>(
+        &self,
+        map: &HashMap<(String, i32), V>,
+    ) -> HashMap<(Arc<str>, i32), V> {
+        map.iter()
+            .map(|((topic, partition), value)| ((self.topic_name(topic), *partition), *value))
+            .collect()
+    }
+
     fn accept(
         &self,
         received: Option<Result<rdkafka::message::BorrowedMessage<'_>, KafkaError>>,
@@ -702,17 +712,15 @@ impl ProjectorRuntime {
     ) -> bool {
         let name = self.projector.name();
         // Keep only records of partitions we still own, at or past our position.
-        // Keys borrow the records' shared topic names: no allocation per record.
-        let snapshot: HashMap<(Arc<str>, i32), Option<i64>> = lock(positions)
-            .iter()
-            .map(|((topic, partition), next)| ((self.topic_name(topic), *partition), *next))
-            .collect();
-        let stop: Option<HashMap<(Arc<str>, i32), i64>> =
-            self.options.stop_at.as_ref().map(|stop| {
-                stop.iter()
-                    .map(|((topic, partition), end)| ((self.topic_name(topic), *partition), *end))
-                    .collect()
-            });
+        let snapshot = lock(positions).clone();
+        // Looked up per record under the records' shared topic names, so the
+        // filter allocates nothing per record.
+        let owned = self.keyed_by_shared_topic(&snapshot);
+        let stop = self
+            .options
+            .stop_at
+            .as_ref()
+            .map(|stop| self.keyed_by_shared_topic(stop));
         let batch: Vec<Record> = batch
             .into_iter()
             .filter(|record| {
@@ -721,7 +729,7 @@ impl ProjectorRuntime {
                     .as_ref()
                     .is_none_or(|stop| record.offset < stop.get(&key).copied().unwrap_or(0));
                 before_stop
-                    && match snapshot.get(&key) {
+                    && match owned.get(&key) {
                         Some(Some(next)) => record.offset >= *next,
                         Some(None) => true,
                         None => false,
@@ -746,10 +754,6 @@ impl ProjectorRuntime {
             *entry = (*entry).max(record.offset + 1);
         }
         let next_offsets: BTreeMap<(String, i32), i64> = ends
-            .into_iter()
-            .map(|((topic, partition), next)| ((topic.to_string(), partition), next))
-            .collect();
-        let snapshot: HashMap<(String, i32), Option<i64>> = snapshot
             .into_iter()
             .map(|((topic, partition), next)| ((topic.to_string(), partition), next))
             .collect();

@@ -26,12 +26,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
-/// Below this many rows [`append`] does not even encode a `COPY` payload:
-/// a caught-up projector's batches are this small, and they go as `INSERT`.
-pub const COPY_MIN_ROWS: usize = 1_000;
-
-/// [`append`] uses binary `COPY` when the encoded rows reach this size, and one
-/// `INSERT … UNNEST` below it.
+/// [`append`] uses binary `COPY` when the rows take at least this many bytes
+/// in its format, and one `INSERT … UNNEST` below it.
 pub const COPY_MIN_BYTES: usize = 192 * 1024;
 
 /// One column of the rows to append: its values, one per row.
@@ -71,6 +67,22 @@ impl Values<'_> {
         }
     }
 
+    /// The bytes these values take in binary `COPY` (each field's 4-byte
+    /// length, then its value), counting a `jsonb` value by its framing only:
+    /// measuring it would mean serialising it. Enough to choose the statement.
+    fn copy_bytes_at_least(&self) -> usize {
+        const LENGTH: usize = 4;
+        match self {
+            Values::Uuid(v) => v.len() * (LENGTH + 16),
+            Values::Text(v) => v.iter().map(|text| LENGTH + text.len()).sum(),
+            Values::Name(v) => v.iter().map(|name| LENGTH + name.len()).sum(),
+            Values::Int4(v) => v.len() * (LENGTH + 4),
+            Values::Int8(v) => v.len() * (LENGTH + 8),
+            Values::Timestamptz(v) => v.len() * (LENGTH + 8),
+            Values::Jsonb(v) => v.len() * (LENGTH + 1),
+        }
+    }
+
     fn write(&self, rows: &mut BinaryRows, row: usize) {
         match self {
             Values::Uuid(v) => rows.uuid(v[row]),
@@ -101,18 +113,22 @@ pub async fn append(
         .map(|(name, _)| *name)
         .collect::<Vec<_>>()
         .join(", ");
-    if rows >= COPY_MIN_ROWS {
+    // Each row also starts with its 2-byte field count.
+    let copy_bytes = rows * 2
+        + columns
+            .iter()
+            .map(|(_, values)| values.copy_bytes_at_least())
+            .sum::<usize>();
+    if copy_bytes >= COPY_MIN_BYTES {
         let fields = i16::try_from(columns.len()).unwrap_or(i16::MAX);
-        let mut copy = BinaryRows::with_capacity(rows, 24 * columns.len());
+        let mut copy = BinaryRows::with_capacity(rows, copy_bytes / rows);
         for row in 0..rows {
             copy.row(fields);
             for (_, values) in columns {
                 values.write(&mut copy, row);
             }
         }
-        if copy.encoded_bytes() >= COPY_MIN_BYTES {
-            return copy.copy_into(tx, &format!("{table} ({names})")).await;
-        }
+        return copy.copy_into(tx, &format!("{table} ({names})")).await;
     }
     let arrays = columns
         .iter()
@@ -227,11 +243,6 @@ impl BinaryRows {
         self.rows == 0
     }
 
-    /// Bytes encoded so far, header included.
-    pub fn encoded_bytes(&self) -> usize {
-        self.buffer.len()
-    }
-
     /// The payload of one `COPY … FROM STDIN (FORMAT binary)`: the rows and
     /// the trailer.
     pub fn finish(mut self) -> Vec<u8> {
@@ -297,6 +308,36 @@ mod tests {
         expected.extend_from_slice(&[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0]);
         expected.extend_from_slice(&[0xff, 0xff]);
         assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn given_columns_without_jsonb_when_sized_then_the_size_is_what_copy_encodes() {
+        let ids = [Uuid::from_u128(1), Uuid::from_u128(2)];
+        let names = ["north".to_owned(), "a-longer-region".to_owned()];
+        let kinds = ["rain", "clear"];
+        let counts = [7, -1];
+        let ticks = [0, i64::MAX];
+        let columns = [
+            Values::Uuid(&ids),
+            Values::Text(&names),
+            Values::Name(&kinds),
+            Values::Int4(&counts),
+            Values::Int8(&ticks),
+        ];
+        let mut copy = BinaryRows::new();
+        for row in 0..2 {
+            copy.row(5);
+            for values in &columns {
+                values.write(&mut copy, row);
+            }
+        }
+        let header_and_trailer = 19 + 2;
+        let sized = 2 * 2
+            + columns
+                .iter()
+                .map(Values::copy_bytes_at_least)
+                .sum::<usize>();
+        assert_eq!(copy.finish().len() - header_and_trailer, sized);
     }
 
     #[test]

@@ -102,7 +102,8 @@ enum Only {
     Memory,
     /// `BENCH_ONLY=throughput`: raw limits, appending, each projector alone.
     Throughput,
-    /// `BENCH_ONLY=freshness`: appending, the mixed maximum, both freshness runs.
+    /// `BENCH_ONLY=freshness`: appending, the catch-up maximum, the freshness
+    /// runs and the search for the maximum sustainable throughput.
     Freshness,
 }
 
