@@ -10,7 +10,8 @@
 //!
 //! Sizes come from the environment: `BENCH_EVENTS` (events per family and in the
 //! mixed backlog), `BENCH_WORLDS`, `BENCH_BATCH_SIZES` (comma separated; the first
-//! one is judged), `BENCH_FRESHNESS_SECS`, `BENCH_WORLDLINE_BIN`.
+//! one is judged), `BENCH_FRESHNESS_SECS`, `BENCH_WORLDLINE_BIN`; for
+//! diagnosis `BENCH_FRESHNESS_RATE` and `BENCH_FRESHNESS_CSV` (ops/bench/README.md).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sqlx::postgres::PgListener;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -55,8 +57,6 @@ const UPSERT_ROUNDS: usize = 100;
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(240);
 /// How often the freshness run appends a small batch.
 const PACE_EVERY: Duration = Duration::from_millis(5);
-/// Pause between two reads of the stored offsets while measuring freshness.
-const FRESHNESS_POLL: Duration = Duration::from_millis(2);
 
 /// The single-family read models, each measured on its own topic.
 const SINGLE_FAMILY: [(&str, Family); 4] = [
@@ -91,6 +91,10 @@ struct BenchConfig {
     /// `BENCH_PROJECTORS=weather,story`: the projectors measured alone (phase 4);
     /// every one of issue 4's five by default.
     alone: Vec<String>,
+    /// `BENCH_FRESHNESS_RATE=5000`: skip the search for the sustainable maximum
+    /// and run the freshness measurement once at this rate (to compare
+    /// settings at one load; its figure is not the judged one).
+    fixed_freshness_rate: Option<f64>,
 }
 
 /// Which phases run.
@@ -150,6 +154,17 @@ impl BenchConfig {
             child_env: parse_child_env(&std::env::var("BENCH_CHILD_ENV").unwrap_or_default())?,
             only: Only::parse(std::env::var("BENCH_ONLY").ok().as_deref())?,
             alone: parse_projector_list(std::env::var("BENCH_PROJECTORS").ok().as_deref())?,
+            fixed_freshness_rate: match std::env::var("BENCH_FRESHNESS_RATE") {
+                Ok(raw) => Some(
+                    raw.parse::<f64>()
+                        .ok()
+                        .filter(|rate| *rate >= 1.0)
+                        .with_context(|| {
+                            format!("BENCH_FRESHNESS_RATE={raw:?} must be events per second")
+                        })?,
+                ),
+                Err(_) => None,
+            },
         })
     }
 }
@@ -1060,31 +1075,38 @@ struct Sent {
 /// when they changed.
 type OffsetHistory = HashMap<(String, String, i32), Vec<(Duration, i64)>>;
 
-/// Reads every schema's `projector_offsets` in one statement, as fast as the
-/// database answers, until `stop`.
-async fn poll_offsets(
+/// Records each schema's `projector_offsets` whenever a projector commits:
+/// every batch transaction sends `worldline_progress` (payload: its schema),
+/// delivered at commit. Notifications already buffered are read together, one
+/// statement for the schemas they name, until `stop`.
+async fn watch_offsets(
     url: String,
     schemas: Vec<SchemaName>,
     origin: Instant,
     stop: CancellationToken,
 ) -> anyhow::Result<OffsetHistory> {
+    let mut listener = PgListener::connect(&url).await?;
+    listener.listen("worldline_progress").await?;
     let mut conn = PgConnection::connect(&url).await?;
-    let statement = schemas
-        .iter()
-        .map(|s| {
-            format!(
-                "SELECT '{0}'::text, topic, partition, next_offset FROM {0}.projector_offsets",
-                s.as_str()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
+    let select = |names: &[&str]| {
+        names
+            .iter()
+            .map(|s| {
+                format!(
+                    "SELECT '{s}'::text, topic, partition, next_offset FROM {s}.projector_offsets"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+    };
+    let watched: Vec<&str> = schemas.iter().map(SchemaName::as_str).collect();
     let mut history = OffsetHistory::new();
-    while !stop.is_cancelled() {
-        let rows: Vec<(String, String, i32, i64)> =
-            sqlx::query_as(AssertSqlSafe(statement.clone()))
-                .fetch_all(&mut conn)
-                .await?;
+    // Commits made before LISTEN took effect sent nothing to this session.
+    let mut due: Vec<&str> = watched.clone();
+    loop {
+        let rows: Vec<(String, String, i32, i64)> = sqlx::query_as(AssertSqlSafe(select(&due)))
+            .fetch_all(&mut conn)
+            .await?;
         // The snapshot was taken before the answer arrived: stamping it with the
         // arrival time can only overstate staleness.
         let at = origin.elapsed();
@@ -1094,37 +1116,53 @@ async fn poll_offsets(
                 seen.push((at, next));
             }
         }
-        tokio::time::sleep(FRESHNESS_POLL).await;
+        let first = tokio::select! {
+            _ = stop.cancelled() => break,
+            received = listener.recv() => received?,
+        };
+        let mut named = vec![first.payload().to_owned()];
+        while let Some(more) = listener.next_buffered() {
+            named.push(more.payload().to_owned());
+        }
+        due = watched
+            .iter()
+            .copied()
+            .filter(|schema| named.iter().any(|n| n == schema))
+            .collect();
+        if due.is_empty() {
+            // Another database's or another run's projector.
+            due = watched.clone();
+        }
     }
     conn.close().await?;
     Ok(history)
 }
 
-/// Appends `workload` events at a steady `rate` for `length`, a small batch
-/// every few milliseconds, without waiting for one batch before sending the next.
+/// Appends `events` at a steady `rate`, a small batch every few milliseconds,
+/// without waiting for one batch before sending the next.
 async fn paced_appends(
-    appender: &Appender,
-    workload: &mut Workload,
+    appender: Appender,
+    events: Vec<Envelope>,
     rate: f64,
-    length: Duration,
     origin: Instant,
-    prefix: &str,
+    prefix: String,
 ) -> anyhow::Result<Vec<Sent>> {
     let mut in_flight: JoinSet<anyhow::Result<Vec<Sent>>> = JoinSet::new();
     let mut ticker = tokio::time::interval(PACE_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = Instant::now();
+    let mut pending = events.into_iter();
     let mut sent = 0u64;
-    while started.elapsed() < length {
+    while pending.len() > 0 {
         ticker.tick().await;
-        let due = events_due(rate, started.elapsed().min(length), sent);
+        let due = events_due(rate, started.elapsed(), sent);
         if due == 0 {
             continue;
         }
         sent += due;
-        let batch = workload.next_batch(usize::try_from(due)?);
+        let batch: Vec<Envelope> = pending.by_ref().take(usize::try_from(due)?).collect();
         let appender = appender.clone();
-        let prefix = prefix.to_owned();
+        let prefix = prefix.clone();
         in_flight.spawn(async move {
             let at = origin.elapsed();
             let results = appender.append_batch(&batch).await;
@@ -1152,6 +1190,23 @@ async fn paced_appends(
         all.extend(joined??);
     }
     Ok(all)
+}
+
+/// The load generator's and the observer's own threads. On the projectors'
+/// runtime a batch being decoded or encoded would hold up the pacer's next
+/// append and the moment an acknowledgement or a stored offset is stamped,
+/// and the figures would measure that queue instead of the pipeline; here the
+/// operating system shares the cores between them as between processes.
+fn observer_runtime() -> &'static tokio::runtime::Runtime {
+    static OBSERVER: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    OBSERVER.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bench-observer")
+            .enable_all()
+            .build()
+            .expect("the observer runtime")
+    })
 }
 
 /// Freshness percentiles in milliseconds.
@@ -1208,13 +1263,16 @@ fn visible_rate_between(visible_ms: &[f64], from: Duration, until: Duration) -> 
 }
 
 /// Matches each sent event with the first observation of its offset having
-/// been passed, in its family's schema and in the worlds schema.
+/// been passed, in its family's schema and in the worlds schema. Per event, in
+/// milliseconds: append start to visible in its family's model, in worlds, in
+/// both; acknowledged to visible in both; then, from the run's origin, when it
+/// became visible in both, when its append started and when it was acknowledged.
 fn freshness_of(
     sent: &[Sent],
     history: &OffsetHistory,
     schema_of: &HashMap<Family, String>,
     worlds_schema: &str,
-) -> (Vec<[f64; 5]>, usize) {
+) -> (Vec<[f64; 7]>, usize) {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let seen = |schema: &str, event: &Sent| {
         history
@@ -1242,9 +1300,39 @@ fn freshness_of(
             ms(both.saturating_sub(event.acked)),
             // When it became visible in both, from the run's origin.
             ms(both),
+            ms(event.sent),
+            ms(event.acked),
         ]);
     }
     (latencies, missing)
+}
+
+/// `BENCH_FRESHNESS_CSV=PREFIX`: every event's timings (`PREFIX.<rate>.csv`,
+/// milliseconds from the run's origin and latencies) and every stored-offset
+/// change seen (`PREFIX.<rate>.offsets.csv`), to look for stalls by time.
+fn write_freshness_csv(
+    path: &str,
+    latencies: &[[f64; 7]],
+    history: &OffsetHistory,
+) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let mut out = String::from("sent_ms,acked_ms,family_latency_ms,worlds_latency_ms\n");
+    for l in latencies {
+        writeln!(out, "{:.2},{:.2},{:.2},{:.2}", l[5], l[6], l[0], l[1])?;
+    }
+    std::fs::write(format!("{path}.csv"), out)?;
+    let mut out = String::from("schema,topic,partition,at_ms,next_offset\n");
+    for ((schema, topic, partition), seen) in history {
+        for (at, next) in seen {
+            writeln!(
+                out,
+                "{schema},{topic},{partition},{:.2},{next}",
+                at.as_secs_f64() * 1000.0
+            )?;
+        }
+    }
+    std::fs::write(format!("{path}.offsets.csv"), out)?;
+    Ok(())
 }
 
 async fn measure_freshness(
@@ -1258,22 +1346,23 @@ async fn measure_freshness(
     let origin = Instant::now();
     let stop = CancellationToken::new();
     let schemas: Vec<SchemaName> = live.iter().map(|t| t.schema.clone()).collect();
-    let poller = tokio::spawn(poll_offsets(
+    let poller = observer_runtime().spawn(watch_offsets(
         env.settings.database.url.clone(),
         schemas,
         origin,
         stop.clone(),
     ));
+    let events = workload.next_batch(usize::try_from(events_due(rate, length, 0))?);
     let appending_from = origin.elapsed();
-    let sent = paced_appends(
-        &appender,
-        workload,
-        rate,
-        length,
-        origin,
-        &env.settings.topics.prefix,
-    )
-    .await?;
+    let sent = observer_runtime()
+        .spawn(paced_appends(
+            appender,
+            events,
+            rate,
+            origin,
+            env.settings.topics.prefix.clone(),
+        ))
+        .await??;
     let appending_until = appending_from + length;
     // Let the projectors drain, then stop watching.
     let ends = log_ends(env, &Family::ALL);
@@ -1301,6 +1390,9 @@ async fn measure_freshness(
     let (latencies, never_visible) = freshness_of(&sent, &history, &schema_of, &worlds_schema);
     let column = |i: usize| Latencies::of(latencies.iter().map(|l| l[i]).collect());
     let visible: Vec<f64> = latencies.iter().map(|l| l[4]).collect();
+    if let Ok(prefix) = std::env::var("BENCH_FRESHNESS_CSV") {
+        write_freshness_csv(&format!("{prefix}.{rate:.0}"), &latencies, &history)?;
+    }
     Ok(Freshness {
         visible_rate: visible_rate_between(&visible, appending_from + length / 2, appending_until),
         rate,
@@ -1823,17 +1915,17 @@ fn freshness_method() -> String {
         "  method: a pacer appends the mixed workload in small batches every {} ms \
          (Appender::append_batch, not awaited before the next batch) and records per event when \
          its append started and when it was acknowledged, and its (topic, partition, offset). A \
-         dedicated connection reads every projector schema's projector_offsets in one statement, \
-         pausing {} ms between reads, and keeps each change with the time its answer arrived. \
-         Offsets commit in the same transaction as the read-model rows, so an event is visible \
-         once its family's schema and the worlds schema store a next_offset past it. Freshness = \
-         that first observation minus the start of its append: an upper bound that includes the \
-         producer's linger.ms=5 and up to one poll interval. The catch-up maximum above is \
+         dedicated session LISTENs to worldline_progress, which every batch transaction notifies \
+         at commit, reads the notified schemas' projector_offsets and keeps each change with the \
+         time its answer arrived. Offsets commit in the same transaction as the read-model rows, \
+         so an event is visible once its family's schema and the worlds schema store a \
+         next_offset past it. Freshness = that first observation minus the start of its append: \
+         an upper bound that includes the producer's linger.ms=5. The pacer and the observer run \
+         on a thread of their own, not on the projectors' runtime. The catch-up maximum above is \
          measured with nothing appending, but the load generator and the broker share these \
          cores: the judged rate is half the maximum sustainable throughput (the highest appended rate \
          the live pipeline kept up with, section 7).",
         PACE_EVERY.as_millis(),
-        FRESHNESS_POLL.as_millis()
     )
 }
 
@@ -1974,14 +2066,21 @@ async fn run(stacks: &mut Stacks) -> anyhow::Result<()> {
 
 /// The freshness runs.
 struct FreshnessRuns {
+    /// The reference runs and the search for the sustainable maximum; `None`
+    /// when `BENCH_FRESHNESS_RATE` fixed the judged rate instead.
+    search: Option<SustainableSearch>,
+    /// Half the sustainable maximum (or the fixed rate): the judged run.
+    judged: Freshness,
+}
+
+/// How the judged rate was found.
+struct SustainableSearch {
     /// A tenth of the catch-up maximum: the latency floor, apart from saturation.
     tenth: Freshness,
     /// The highest appended rate the whole pipeline kept up with.
     sustainable: f64,
     /// Half the catch-up maximum (measured with nothing appending).
     half_of_catch_up: Freshness,
-    /// Half the sustainable maximum: the judged run.
-    judged: Freshness,
 }
 
 /// How many rates the search for the sustainable maximum tries.
@@ -2027,6 +2126,21 @@ async fn freshness_runs(
 ) -> anyhow::Result<FreshnessRuns> {
     let env = &stacks.mixed;
     let length = config.freshness;
+    if let Some(rate) = config.fixed_freshness_rate {
+        let judged = freshness_phase(
+            env,
+            backlogs,
+            live,
+            (rate, "the rate BENCH_FRESHNESS_RATE fixed"),
+            length,
+        )
+        .await?;
+        phase_done();
+        return Ok(FreshnessRuns {
+            search: None,
+            judged,
+        });
+    }
     let tenth = freshness_phase(
         env,
         backlogs,
@@ -2101,9 +2215,11 @@ async fn freshness_runs(
     .await?;
     phase_done();
     Ok(FreshnessRuns {
-        tenth,
-        sustainable,
-        half_of_catch_up,
+        search: Some(SustainableSearch {
+            tenth,
+            sustainable,
+            half_of_catch_up,
+        }),
         judged,
     })
 }
@@ -2254,38 +2370,49 @@ fn freshness_rows(runs: &FreshnessRuns) -> Vec<Row> {
         goal: "(reference)".to_owned(),
         verdict: "(info)",
     };
-    vec![
-        Row {
-            figure: format!(
-                "freshness at {:.0} ev/s (append -> both models)",
-                judged.rate
-            ),
-            value: latencies(judged),
-            goal: "p99 <= 100 ms at half load".to_owned(),
-            verdict: if judged.never_visible > 0 {
-                "MISS"
-            } else {
-                verdict(Goal::AtMost(100.0), judged.both.p99)
+    let mut rows = vec![Row {
+        figure: format!(
+            "freshness at {:.0} ev/s (append -> both models)",
+            judged.rate
+        ),
+        value: latencies(judged),
+        goal: "p99 <= 100 ms at half load".to_owned(),
+        verdict: if runs.search.is_none() {
+            "(info)"
+        } else if judged.never_visible > 0 {
+            "MISS"
+        } else {
+            verdict(Goal::AtMost(100.0), judged.both.p99)
+        },
+    }];
+    match &runs.search {
+        Some(search) => rows.extend([
+            Row {
+                figure: "  = half the max sustainable throughput".to_owned(),
+                value: format!("{:.0} events/s", search.sustainable),
+                goal: "(reference)".to_owned(),
+                verdict: "(info)",
             },
-        },
-        Row {
-            figure: "  = half the max sustainable throughput".to_owned(),
-            value: format!("{:.0} events/s", runs.sustainable),
-            goal: "(reference)".to_owned(),
-            verdict: "(info)",
-        },
-        reference(
-            format!(
-                "  same at {:.0} ev/s (half the catch-up max)",
-                runs.half_of_catch_up.rate
+            reference(
+                format!(
+                    "  same at {:.0} ev/s (half the catch-up max)",
+                    search.half_of_catch_up.rate
+                ),
+                &search.half_of_catch_up,
             ),
-            &runs.half_of_catch_up,
-        ),
-        reference(
-            format!("  same at {:.0} ev/s (a tenth of it)", runs.tenth.rate),
-            &runs.tenth,
-        ),
-    ]
+            reference(
+                format!("  same at {:.0} ev/s (a tenth of it)", search.tenth.rate),
+                &search.tenth,
+            ),
+        ]),
+        None => rows.push(Row {
+            figure: "  = the rate BENCH_FRESHNESS_RATE fixed".to_owned(),
+            value: format!("{:.0} events/s", judged.rate),
+            goal: "(not half load)".to_owned(),
+            verdict: "(info)",
+        }),
+    }
+    rows
 }
 
 /// Peak resident memory against the goal: the larger of the sampled peak and
@@ -2425,7 +2552,7 @@ mod tests {
         let schemas: HashMap<Family, String> = [(Family::Clock, "clock_mix".to_owned())].into();
         let (latencies, missing) = freshness_of(&sent, &history, &schemas, "worlds_mix");
         assert_eq!(missing, 0);
-        assert_eq!(latencies, vec![[20.0, 30.0, 30.0, 25.0, 40.0]]);
+        assert_eq!(latencies, vec![[20.0, 30.0, 30.0, 25.0, 40.0, 10.0, 15.0]]);
     }
 
     #[test]
