@@ -20,6 +20,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 
+/// The PostgreSQL channel every projector batch notifies when it commits,
+/// with its schema as the payload: what token waits, the event stream and
+/// the benchmarks' observer listen to instead of polling stored offsets.
+pub const PROGRESS_CHANNEL: &str = "worldline_progress";
+
 /// Version prefix of the current token format.
 const PREFIX_V1: &str = "wl1.";
 

@@ -28,6 +28,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use worldline_ops::Health;
 use worldline_ops::config::KafkaSettings;
+use worldline_ops::consistency::PROGRESS_CHANNEL;
 use worldline_ops::kafka::base_client_config;
 use worldline_schemas::decode_envelope;
 
@@ -951,7 +952,7 @@ impl ProjectorRuntime {
                  SELECT pg_advisory_xact_lock_shared(hashtext('worldline.schema.{s}'));
                  SET LOCAL search_path TO {s};
                  SET LOCAL lock_timeout = '5s';
-                 SELECT pg_notify('worldline_progress', '{s}')"
+                 SELECT pg_notify('{PROGRESS_CHANNEL}', '{s}')"
             )))
             .await?;
         let moves: Vec<OffsetMove> = next_offsets

@@ -36,7 +36,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use worldline_ops::consistency::ConsistencyToken;
+use worldline_ops::consistency::{ConsistencyToken, PROGRESS_CHANNEL};
 use worldline_ops::health::Health;
 use worldline_schemas::family::Family;
 
@@ -46,8 +46,6 @@ use crate::error::{ApiError, PROBLEM_JSON, Problem};
 pub const CONSISTENCY_HEADER: &str = "x-consistency-token";
 /// The response header with the projector's position.
 pub const POSITION_HEADER: &str = "x-worldline-position";
-/// The Postgres channel projectors notify on.
-pub const CHANNEL: &str = "worldline_progress";
 /// How often the `/readyz` lag check looks at the published snapshots (memory
 /// only, no query).
 const LAG_CHECK: Duration = Duration::from_secs(1);
@@ -229,7 +227,7 @@ async fn listen_once(
     period: Duration,
 ) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
+    listener.listen(PROGRESS_CHANNEL).await?;
     // Notifications sent before LISTEN took effect are lost: look once now.
     for (schema, sender) in senders {
         refresh(pool, schema, sender).await;

@@ -77,6 +77,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
+use worldline_ops::consistency::PROGRESS_CHANNEL;
 use worldline_schemas::WorldId;
 
 use crate::AppState;
@@ -91,9 +92,6 @@ use crate::routes::{WorldPath, world_exists};
 /// The projector the stream's routes are registered under for per-resource
 /// hooks (auth, lag headers): the stream starts from the worlds read model.
 pub const PROJECTOR: &str = "worlds";
-
-/// The channel projectors notify on commit.
-pub const CHANNEL: &str = "worldline_progress";
 
 /// The header a reconnecting client sends its last event id in.
 pub const LAST_EVENT_ID: &str = "Last-Event-ID";
@@ -405,7 +403,7 @@ async fn listen_once(
     shutdown: &CancellationToken,
 ) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
+    listener.listen(PROGRESS_CHANNEL).await?;
     // Sending fails only when no stream is open, which is fine.
     let _ = sender.send(Notice::Resync);
     loop {

@@ -27,6 +27,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use worldline_ops::consistency::PROGRESS_CHANNEL;
 use worldline_ops::{Health, Settings};
 use worldline_producers::{Appender, AppenderOptions};
 use worldline_projectors::read_models::copy::BinaryRows;
@@ -1076,7 +1077,7 @@ struct Sent {
 type OffsetHistory = HashMap<(String, String, i32), Vec<(Duration, i64)>>;
 
 /// Records each schema's `projector_offsets` whenever a projector commits:
-/// every batch transaction sends `worldline_progress` (payload: its schema),
+/// every batch transaction notifies [`PROGRESS_CHANNEL`] with its schema,
 /// delivered at commit. Notifications already buffered are read together, one
 /// statement for the schemas they name, until `stop`.
 async fn watch_offsets(
@@ -1086,52 +1087,57 @@ async fn watch_offsets(
     stop: CancellationToken,
 ) -> anyhow::Result<OffsetHistory> {
     let mut listener = PgListener::connect(&url).await?;
-    listener.listen("worldline_progress").await?;
+    listener.listen(PROGRESS_CHANNEL).await?;
     let mut conn = PgConnection::connect(&url).await?;
-    let select = |names: &[&str]| {
-        names
-            .iter()
-            .map(|s| {
+    let reads: Vec<(&str, String)> = schemas
+        .iter()
+        .map(|schema| {
+            let s = schema.as_str();
+            (
+                s,
                 format!(
                     "SELECT '{s}'::text, topic, partition, next_offset FROM {s}.projector_offsets"
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ")
-    };
-    let watched: Vec<&str> = schemas.iter().map(SchemaName::as_str).collect();
+                ),
+            )
+        })
+        .collect();
     let mut history = OffsetHistory::new();
     // Commits made before LISTEN took effect sent nothing to this session.
-    let mut due: Vec<&str> = watched.clone();
+    let mut due: Vec<&str> = reads.iter().map(|(schema, _)| *schema).collect();
     loop {
-        let rows: Vec<(String, String, i32, i64)> = sqlx::query_as(AssertSqlSafe(select(&due)))
-            .fetch_all(&mut conn)
-            .await?;
-        // The snapshot was taken before the answer arrived: stamping it with the
-        // arrival time can only overstate staleness.
-        let at = origin.elapsed();
-        for (schema, topic, partition, next) in rows {
-            let seen = history.entry((schema, topic, partition)).or_default();
-            if seen.last().is_none_or(|(_, last)| *last != next) {
-                seen.push((at, next));
+        if !due.is_empty() {
+            let statement = reads
+                .iter()
+                .filter(|(schema, _)| due.contains(schema))
+                .map(|(_, read)| read.as_str())
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ");
+            let rows: Vec<(String, String, i32, i64)> = sqlx::query_as(AssertSqlSafe(statement))
+                .fetch_all(&mut conn)
+                .await?;
+            // The snapshot was taken before the answer arrived: stamping it with
+            // the arrival time can only overstate staleness.
+            let at = origin.elapsed();
+            for (schema, topic, partition, next) in rows {
+                let seen = history.entry((schema, topic, partition)).or_default();
+                if seen.last().is_none_or(|(_, last)| *last != next) {
+                    seen.push((at, next));
+                }
             }
         }
         let first = tokio::select! {
             _ = stop.cancelled() => break,
             received = listener.recv() => received?,
         };
-        let mut named = vec![first.payload().to_owned()];
-        while let Some(more) = listener.next_buffered() {
-            named.push(more.payload().to_owned());
-        }
-        due = watched
-            .iter()
-            .copied()
-            .filter(|schema| named.iter().any(|n| n == schema))
-            .collect();
-        if due.is_empty() {
-            // Another database's or another run's projector.
-            due = watched.clone();
+        due.clear();
+        for notification in
+            std::iter::once(first).chain(std::iter::from_fn(|| listener.next_buffered()))
+        {
+            if let Some((schema, _)) = reads.iter().find(|(s, _)| *s == notification.payload())
+                && !due.contains(schema)
+            {
+                due.push(schema);
+            }
         }
     }
     conn.close().await?;
