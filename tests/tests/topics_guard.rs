@@ -121,13 +121,16 @@ async fn every_role_refuses_an_event_topic_that_would_lose_events() {
 
         let shutdown = CancellationToken::new();
         let run = worldline::roles::project(&settings, &[], shutdown.clone());
-        messages.push(("project", refusal("project", &shutdown, run).await));
+        messages.push((
+            "project",
+            Box::pin(refusal("project", &shutdown, run)).await,
+        ));
 
         let shutdown = CancellationToken::new();
         let run = worldline::roles::serve(&settings, shutdown.clone());
         messages.push((
             "serve (ingest gateway)",
-            refusal("serve", &shutdown, run).await,
+            Box::pin(refusal("serve", &shutdown, run)).await,
         ));
 
         for (role, message) in messages {

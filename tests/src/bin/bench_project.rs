@@ -370,6 +370,10 @@ fn batch_stats_between(before: &str, after: &str) -> Vec<(String, BatchStats)> {
 struct CpuTimes {
     machine_busy: u64,
     machine_total: u64,
+    /// Time the hypervisor ran something else while this machine's CPUs had
+    /// work (`steal`, counted inside `machine_busy`): on a shared host it can
+    /// take a large share of the cores, and every latency figure with it.
+    machine_steal: u64,
     this_process: u64,
     /// The broker's JVM (every `java` process) and every PostgreSQL process.
     broker: u64,
@@ -398,8 +402,8 @@ fn ticks_of_command(comm: &str) -> u64 {
         .sum()
 }
 
-/// Parses the aggregate `cpu` line of `/proc/stat`: (busy, total) ticks.
-fn machine_ticks(proc_stat: &str) -> Option<(u64, u64)> {
+/// Parses the aggregate `cpu` line of `/proc/stat`: (busy, total, steal) ticks.
+fn machine_ticks(proc_stat: &str) -> Option<(u64, u64, u64)> {
     let line = proc_stat.lines().find(|l| l.starts_with("cpu "))?;
     let values: Vec<u64> = line
         .split_whitespace()
@@ -409,7 +413,8 @@ fn machine_ticks(proc_stat: &str) -> Option<(u64, u64)> {
     let total: u64 = values.iter().take(8).sum();
     // idle and iowait are the 4th and 5th values.
     let idle = values.get(3)? + values.get(4).copied().unwrap_or(0);
-    Some((total - idle, total))
+    let steal = values.get(7).copied().unwrap_or(0);
+    Some((total - idle, total, steal))
 }
 
 /// utime + stime of a `/proc/<pid>/stat` line (fields 14 and 15; the command
@@ -425,7 +430,7 @@ fn process_ticks(pid_stat: &str) -> Option<u64> {
 
 impl CpuTimes {
     fn now() -> CpuTimes {
-        let (machine_busy, machine_total) = std::fs::read_to_string("/proc/stat")
+        let (machine_busy, machine_total, machine_steal) = std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|s| machine_ticks(&s))
             .unwrap_or_default();
@@ -436,10 +441,20 @@ impl CpuTimes {
         CpuTimes {
             machine_busy,
             machine_total,
+            machine_steal,
             this_process,
             broker: ticks_of_command("java"),
             postgres: ticks_of_command("postgres"),
         }
+    }
+
+    /// The share of the machine's CPU time stolen by the host since `earlier`.
+    fn steal_percent_since(self, earlier: CpuTimes) -> f64 {
+        let total = self
+            .machine_total
+            .saturating_sub(earlier.machine_total)
+            .max(1) as f64;
+        100.0 * self.machine_steal.saturating_sub(earlier.machine_steal) as f64 / total
     }
 
     /// "machine busy N% of its cores, this process M%" since `earlier`.
@@ -451,9 +466,11 @@ impl CpuTimes {
         let busy = self.machine_busy.saturating_sub(earlier.machine_busy) as f64;
         let share = |now: u64, then: u64| 100.0 * now.saturating_sub(then) as f64 / total;
         format!(
-            "CPU: machine {:.0}% busy; of all cores: this process {:.0}%, broker {:.0}%, \
-             PostgreSQL {:.0}% (processes that ended meanwhile are not counted)",
+            "CPU: machine {:.0}% busy, of which stolen by the host {:.0}%; of all cores: this \
+             process {:.0}%, broker {:.0}%, PostgreSQL {:.0}% (processes that ended meanwhile \
+             are not counted)",
             100.0 * busy / total,
+            share(self.machine_steal, earlier.machine_steal),
             share(self.this_process, earlier.this_process),
             share(self.broker, earlier.broker),
             share(self.postgres, earlier.postgres),
@@ -1252,9 +1269,16 @@ struct Freshness {
     both: Latencies,
     /// Acknowledged → visible in both.
     both_from_ack: Latencies,
+    /// Append started → acknowledged by Kafka: the producer's share. librdkafka
+    /// sends one produce request per partition and the broker serves a
+    /// connection's requests one at a time, so this grows with the partitions
+    /// one producer writes to.
+    acknowledged: Latencies,
     /// Events that became visible in both per second over the second half of
     /// the appending: what the whole pipeline sustained once past its start.
     visible_rate: f64,
+    /// Share of the machine's CPU time the host stole over the run (percent).
+    host_steal_percent: f64,
 }
 
 /// Events per second that became visible (`visible_ms`, from the run's origin)
@@ -1400,6 +1424,7 @@ async fn measure_freshness(
         write_freshness_csv(&format!("{prefix}.{rate:.0}"), &latencies, &history)?;
     }
     Ok(Freshness {
+        host_steal_percent: 0.0,
         visible_rate: visible_rate_between(&visible, appending_from + length / 2, appending_until),
         rate,
         appended: sent.len(),
@@ -1408,6 +1433,7 @@ async fn measure_freshness(
         worlds: column(1),
         both: column(2),
         both_from_ack: column(3),
+        acknowledged: Latencies::of(latencies.iter().map(|l| l[6] - l[5]).collect()),
     })
 }
 
@@ -1950,7 +1976,9 @@ async fn freshness_phase(
     let metrics = worldline_ops::health::metrics_handle();
     let before = metrics.render();
     let started = Instant::now();
-    let freshness = measure_freshness(env, &mut backlogs.workload, live, rate, length).await?;
+    let cpu_before = CpuTimes::now();
+    let mut freshness = measure_freshness(env, &mut backlogs.workload, live, rate, length).await?;
+    freshness.host_steal_percent = CpuTimes::now().steal_percent_since(cpu_before);
     let wall = started.elapsed();
     let after = metrics.render();
     let show = |label: &str, l: &Latencies| {
@@ -1967,6 +1995,7 @@ async fn freshness_phase(
     show("append start -> its family's read model", &freshness.family);
     show("append start -> worlds read model", &freshness.worlds);
     show("append start -> both (judged)", &freshness.both);
+    show("append start -> acknowledged", &freshness.acknowledged);
     show("acknowledged -> both", &freshness.both_from_ack);
     println!(
         "  the runtime's metrics over the {:.2} s of appending and draining:",
@@ -2365,8 +2394,8 @@ fn summary_rows(f: &Figures) -> Vec<Row> {
 fn freshness_rows(runs: &FreshnessRuns) -> Vec<Row> {
     let latencies = |f: &Freshness| {
         format!(
-            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            f.both.p50, f.both.p99, f.both.max
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (host steal {:.0}%)",
+            f.both.p50, f.both.p99, f.both.max, f.host_steal_percent
         )
     };
     let judged = &runs.judged;
@@ -2588,9 +2617,9 @@ mod tests {
     }
 
     #[test]
-    fn given_proc_stat_lines_when_parsed_then_busy_total_and_process_ticks_are_read() {
+    fn given_proc_stat_lines_when_parsed_then_busy_total_steal_and_process_ticks_are_read() {
         let stat = "cpu  100 5 50 800 20 1 2 3 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
-        assert_eq!(machine_ticks(stat), Some((161, 981)));
+        assert_eq!(machine_ticks(stat), Some((161, 981, 3)));
         let pid = "4242 (bench project) S 1 2 3 4 5 6 7 8 9 10 250 40 0 0 20 0";
         assert_eq!(process_ticks(pid), Some(290));
     }
