@@ -32,7 +32,7 @@ use worldline_ops::{Health, Settings};
 use worldline_producers::{Appender, AppenderOptions};
 use worldline_projectors::read_models::copy::BinaryRows;
 use worldline_projectors::read_models::names::{
-    inference_outcome, inference_purpose, to_i32, to_i64,
+    inference_outcome, inference_purpose, to_i32, to_i64, weather_condition,
 };
 use worldline_projectors::{Projector, ProjectorRuntime, SchemaName, registry};
 use worldline_schemas::envelope::{EnvelopeExt, new_envelope};
@@ -538,6 +538,34 @@ fn choice_rows(events: &[Envelope]) -> (Vec<u8>, u64) {
     (copy.finish(), rows)
 }
 
+/// `weather.weather_changes` rows for every weather change in `events` (log
+/// offsets are stand-ins: the rows are copied before the events are appended).
+fn weather_change_rows(events: &[Envelope]) -> (Vec<u8>, u64) {
+    let mut copy = BinaryRows::new();
+    let mut rows = 0u64;
+    for envelope in events {
+        let Some(Body::WeatherChanged(w)) = &envelope.body else {
+            continue;
+        };
+        copy.row(11)
+            .uuid(envelope.event_uuid())
+            .text(&envelope.world_id)
+            .text(&w.region)
+            .int8(to_i64(envelope.world_tick))
+            .text(weather_condition(w.condition))
+            .text(weather_condition(w.previous_condition))
+            .int4(w.temperature_dc)
+            .int4(to_i32(w.wind_dmps))
+            .int4(to_i32(w.precipitation_dmmph))
+            .timestamptz(envelope.occurred_at())
+            .int8(i64::try_from(rows).unwrap_or(i64::MAX));
+        rows += 1;
+    }
+    (copy.finish(), rows)
+}
+
+const WEATHER_COLUMNS: &str = "event_id, world_id, region, valid_from_tick, condition, \
+     previous_condition, temperature_dc, wind_dmps, precipitation_dmmph, occurred_at, log_offset";
 const INFERENCE_COLUMNS: &str = "event_id, world_id, tick, occurred_at, model_id, model_version, \
      purpose, prompt_tokens, completion_tokens, latency_ms, cost_micro_usd, outcome, npc_id, input_hash";
 const CHOICE_COLUMNS: &str = "event_id, world_id, tick, occurred_at, player_id, story_id, node_id, \
@@ -939,6 +967,9 @@ struct RawLimits {
     copy_inferences_heap: f64,
     copy_choices: f64,
     copy_choices_heap: f64,
+    /// Into `weather_changes`, the history half of the weather read model.
+    copy_weather_changes: f64,
+    copy_weather_changes_heap: f64,
     upsert_clock: f64,
 }
 
@@ -1050,9 +1081,11 @@ async fn measure_raw_limits(
     pool: &PgPool,
     inferences: (&[u8], u64),
     choices: (&[u8], u64),
+    weather_changes: (&[u8], u64),
 ) -> anyhow::Result<RawLimits> {
     let inference_schema = raw_schema(pool, "inference").await?;
     let story_schema = raw_schema(pool, "story").await?;
+    let weather_schema = raw_schema(pool, "weather").await?;
     let clock_schema = raw_schema(pool, "clock").await?;
     let (copy_inferences, copy_inferences_heap) = copy_both_ways(
         pool,
@@ -1064,12 +1097,22 @@ async fn measure_raw_limits(
     .await?;
     let (copy_choices, copy_choices_heap) =
         copy_both_ways(pool, &story_schema, "choices", CHOICE_COLUMNS, choices).await?;
+    let (copy_weather_changes, copy_weather_changes_heap) = copy_both_ways(
+        pool,
+        &weather_schema,
+        "weather_changes",
+        WEATHER_COLUMNS,
+        weather_changes,
+    )
+    .await?;
     let upsert_clock = upsert_rate(pool, &clock_schema).await?;
     Ok(RawLimits {
         copy_inferences,
         copy_inferences_heap,
         copy_choices,
         copy_choices_heap,
+        copy_weather_changes,
+        copy_weather_changes_heap,
         upsert_clock,
     })
 }
@@ -1644,6 +1687,7 @@ async fn raw_phase(
     };
     let inferences = inference_rows(events_of(Family::Inference));
     let choices = choice_rows(events_of(Family::Story));
+    let weather_changes = weather_change_rows(events_of(Family::Weather));
     println!(
         "\n1. Raw PostgreSQL limits (same server; tables built by the read models' own migrations)"
     );
@@ -1651,6 +1695,7 @@ async fn raw_phase(
         &env.pool,
         (&inferences.0, inferences.1),
         (&choices.0, choices.1),
+        (&weather_changes.0, weather_changes.1),
     )
     .await?;
     println!(
@@ -1662,6 +1707,11 @@ async fn raw_phase(
         "  binary COPY of {events} story choice rows (one COPY):  {:>9.0} rows/s with its key and \
          indexes; {:>9.0} rows/s into an index-free heap",
         raw.copy_choices, raw.copy_choices_heap
+    );
+    println!(
+        "  binary COPY of {events} weather change rows (one COPY): {:>8.0} rows/s with its key and \
+         index; {:>9.0} rows/s into an index-free heap",
+        raw.copy_weather_changes, raw.copy_weather_changes_heap
     );
     println!(
         "  UNNEST upsert onto existing world_clock rows ({UPSERT_ROUNDS} statements x \
@@ -2350,6 +2400,15 @@ fn summary_rows(f: &Figures) -> Vec<Row> {
             "appender ev/s",
             0.5,
             true,
+        ),
+        // Weather is both kinds: every change appended to its history, and the
+        // region's current row moved. The history COPY is most of its cost.
+        ratio_row(
+            "  same, vs binary COPY of its history rows",
+            (rate("weather"), raw.copy_weather_changes),
+            "COPY rows/s",
+            0.3,
+            false,
         ),
         ratio_row(
             "  worlds (every topic) vs appending mixed",
