@@ -85,8 +85,9 @@ const KAFKA_MIRROR_INTERVAL: Duration = Duration::from_secs(1);
 /// defaults (keep fetching a partition until 100 000 records or 64 MiB wait,
 /// 50 MiB per fetch) would hold hundreds of MiB of records no batch needs yet.
 const FETCH_DEFAULTS: &[(&str, &str)] = &[
-    // A batch takes at most 2 000 records: that many per partition is always
-    // a full batch ahead.
+    // 2 000 records per partition: with the default 5 000-record batch, a
+    // full batch ahead once a consumer holds three partitions; the byte
+    // limit below binds long before either.
     ("queued.min.messages", "2000"),
     // The consumer's whole prefetch queue, and the most one fetch brings
     // (librdkafka's floor: message.max.bytes). Larger values bought no
