@@ -289,7 +289,7 @@ pub struct ProjectorSettings {
     pub group_prefix: String,
     /// Largest number of records applied in one Postgres transaction. Catching
     /// up, larger batches pay fewer commits and statements per event (5000
-    /// against 2000 on `ops/bench/project.sh`: weather 65-77k against 50-52k
+    /// against 2000 on `ops/bench/project.sh`: weather 65-84k against 48-53k
     /// events/s, the others level or faster); live, batches close on
     /// `batch_max_wait_ms` long before they fill.
     pub batch_max_records: usize,

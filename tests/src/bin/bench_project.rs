@@ -364,7 +364,7 @@ fn batch_stats_between(before: &str, after: &str) -> Vec<(String, BatchStats)> {
     delta
 }
 
-/// Busy and total CPU time of the machine (`/proc/stat`) and this process's
+/// Busy, total and stolen CPU time of the machine (`/proc/stat`) and this process's
 /// CPU time (`/proc/self/stat`), in clock ticks.
 #[derive(Debug, Clone, Copy, Default)]
 struct CpuTimes {
@@ -470,7 +470,7 @@ impl CpuTimes {
              process {:.0}%, broker {:.0}%, PostgreSQL {:.0}% (processes that ended meanwhile \
              are not counted)",
             100.0 * busy / total,
-            share(self.machine_steal, earlier.machine_steal),
+            self.steal_percent_since(earlier),
             share(self.this_process, earlier.this_process),
             share(self.broker, earlier.broker),
             share(self.postgres, earlier.postgres),
@@ -1312,10 +1312,11 @@ struct Freshness {
     both: Latencies,
     /// Acknowledged → visible in both.
     both_from_ack: Latencies,
-    /// Append started → acknowledged by Kafka: the producer's share. librdkafka
-    /// sends one produce request per partition and the broker serves a
-    /// connection's requests one at a time, so this grows with the partitions
-    /// one producer writes to.
+    /// Append started → its paced batch acknowledged by Kafka: the producer's
+    /// share, stamped when the batch's slowest partition answered, so an event
+    /// may be visible before its batch is. librdkafka sends one produce request
+    /// per partition and the broker serves a connection's requests one at a
+    /// time, so this grows with the partitions one producer writes to.
     acknowledged: Latencies,
     /// Events that became visible in both per second over the second half of
     /// the appending: what the whole pipeline sustained once past its start.
@@ -1416,6 +1417,7 @@ async fn measure_freshness(
     length: Duration,
 ) -> anyhow::Result<Freshness> {
     let appender = bench_appender(env)?;
+    let cpu_before = CpuTimes::now();
     let origin = Instant::now();
     let stop = CancellationToken::new();
     let schemas: Vec<SchemaName> = live.iter().map(|t| t.schema.clone()).collect();
@@ -1467,7 +1469,7 @@ async fn measure_freshness(
         write_freshness_csv(&format!("{prefix}.{rate:.0}"), &latencies, &history)?;
     }
     Ok(Freshness {
-        host_steal_percent: 0.0,
+        host_steal_percent: CpuTimes::now().steal_percent_since(cpu_before),
         visible_rate: visible_rate_between(&visible, appending_from + length / 2, appending_until),
         rate,
         appended: sent.len(),
@@ -2026,9 +2028,7 @@ async fn freshness_phase(
     let metrics = worldline_ops::health::metrics_handle();
     let before = metrics.render();
     let started = Instant::now();
-    let cpu_before = CpuTimes::now();
-    let mut freshness = measure_freshness(env, &mut backlogs.workload, live, rate, length).await?;
-    freshness.host_steal_percent = CpuTimes::now().steal_percent_since(cpu_before);
+    let freshness = measure_freshness(env, &mut backlogs.workload, live, rate, length).await?;
     let wall = started.elapsed();
     let after = metrics.render();
     let show = |label: &str, l: &Latencies| {
