@@ -163,6 +163,10 @@ pub struct KafkaSettings {
     /// `security.protocol = "SSL"`, `ssl.ca.location`, `sasl.mechanisms`,
     /// `sasl.username`. This is how TLS and SASL are switched on: the built-in
     /// settings are about delivery guarantees, these are about the cluster.
+    /// They also replace the roles' tuning defaults (the projector's fetch
+    /// sizes and waits, the appender's `linger.ms` and `compression.type`),
+    /// but never a setting a guarantee rests on (idempotence, `acks`, the
+    /// partitioner, offset handling): the roles set those over them.
     /// Because dots nest in environment keys, `_` in a key stands for `.`:
     /// `WORLDLINE__KAFKA__PROPERTIES__SECURITY_PROTOCOL=SSL` sets `security.protocol`
     /// (no librdkafka property has an underscore in its name). Values may be

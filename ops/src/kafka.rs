@@ -20,3 +20,14 @@ pub fn base_client_config(kafka: &KafkaSettings, client_id: &str) -> ClientConfi
     }
     config
 }
+
+/// Sets each of `defaults` that `config` (the operator's `kafka.properties`
+/// included) does not set already: tuning an operator may override, unlike the
+/// settings a role's guarantees rest on, which it sets unconditionally.
+pub fn set_defaults(config: &mut ClientConfig, defaults: &[(&str, &str)]) {
+    for (key, value) in defaults {
+        if config.get(key).is_none() {
+            config.set(*key, *value);
+        }
+    }
+}

@@ -13,7 +13,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use worldline_ops::config::KafkaSettings;
-use worldline_ops::kafka::base_client_config;
+use worldline_ops::kafka::{base_client_config, set_defaults};
 use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::family::event_type;
 use worldline_schemas::pb::Envelope;
@@ -135,10 +135,40 @@ impl std::fmt::Debug for Appender {
     }
 }
 
+/// The appender's librdkafka tuning, unless `kafka.properties` sets it. The
+/// settings its guarantees rest on (idempotence, acks, partitioner, delivery
+/// timeout) are not in this list: `producer_config` sets them over any
+/// operator value.
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    // Small batches sent soon: events are small and freshness matters more
+    // than the last percent of throughput; under load batches fill anyway.
+    ("linger.ms", "5"),
+    // lz4 in its fast mode (librdkafka's default level for it). At live rates
+    // a batch holds one to a few events per partition, and each batch is
+    // compressed here, decompressed by the broker to validate it and again by
+    // every consumer group reading it. zstd builds (and zeroes) fresh contexts
+    // for each of those: with zstd at level 1, zstd was about 15% of the
+    // machine during the freshness benchmark (ops/bench/project.sh, 19 600
+    // events/s, `perf record -a`: decompression in the projectors' consumers
+    // alone 8%); lz4 took 6 to 9 points of machine CPU off the same run. zstd
+    // packs large backlog appends tighter; an operator who prefers log bytes
+    // to CPU sets `compression.type` in `kafka.properties`.
+    ("compression.type", "lz4"),
+    // Room for bursts from the simulator and the batch API without
+    // QueueFull errors; the delivery timeout still bounds waiting.
+    ("queue.buffering.max.messages", "1000000"),
+    ("queue.buffering.max.kbytes", "1048576"),
+    ("batch.num.messages", "10000"),
+];
+
 fn create_producer(
     kafka: &KafkaSettings,
     options: &AppenderOptions,
 ) -> Result<FutureProducer, KafkaError> {
+    producer_config(kafka, options).create()
+}
+
+fn producer_config(kafka: &KafkaSettings, options: &AppenderOptions) -> rdkafka::ClientConfig {
     let mut config = base_client_config(kafka, &format!("worldline-{}", options.source));
     config
         // Exactly one copy per send, in order, even when the producer retries
@@ -156,26 +186,9 @@ fn create_producer(
         .set(
             "message.timeout.ms",
             options.delivery_timeout.as_millis().to_string(),
-        )
-        // Small batches sent soon: events are small and freshness matters more
-        // than the last percent of throughput; under load batches fill anyway.
-        .set("linger.ms", "5")
-        // zstd compresses protobuf envelopes well and costs little CPU.
-        .set("compression.type", "zstd")
-        // librdkafka builds a fresh zstd context for every batch it sends, and
-        // at level 3 (the default) zeroes about 768 KiB of tables for it. At a
-        // few thousand events per second a batch holds one or two records per
-        // partition: that zeroing was 2.6% of the machine during the freshness
-        // benchmark (ops/bench/project.sh), 0.4% at level 1. Level 1 costs
-        // 1.6% more log bytes on the benchmark's backlogs (8.32 vs 8.19 MB for
-        // 50 000 events of each family, 20 000 per append).
-        .set("compression.level", "1")
-        // Room for bursts from the simulator and the batch API without
-        // QueueFull errors; the delivery timeout still bounds waiting.
-        .set("queue.buffering.max.messages", "1000000")
-        .set("queue.buffering.max.kbytes", "1048576")
-        .set("batch.num.messages", "10000");
-    config.create()
+        );
+    set_defaults(&mut config, PRODUCER_DEFAULTS);
+    config
 }
 
 impl Appender {
@@ -337,6 +350,33 @@ fn traceparent_for(event_id: &uuid::Uuid) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_operator_properties_then_tuning_follows_them_and_guarantees_do_not() {
+        let kafka = KafkaSettings {
+            bootstrap_servers: "localhost:9092".to_owned(),
+            properties: [
+                ("linger_ms", "20"),
+                ("compression_type", "zstd"),
+                ("acks", "0"),
+                ("enable_idempotence", "false"),
+            ]
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect(),
+        };
+        let config = producer_config(&kafka, &AppenderOptions::default());
+        assert_eq!(config.get("linger.ms"), Some("20"));
+        assert_eq!(config.get("compression.type"), Some("zstd"));
+        assert_eq!(config.get("acks"), Some("all"));
+        assert_eq!(config.get("enable.idempotence"), Some("true"));
+        assert_eq!(config.get("partitioner"), Some("murmur2_random"));
+        assert_eq!(
+            config.get("batch.num.messages"),
+            Some("10000"),
+            "untouched defaults stay"
+        );
+    }
 
     /// Stands in for a producer: which creation it came from.
     type Made = usize;

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use worldline_ops::Health;
 use worldline_ops::config::KafkaSettings;
 use worldline_ops::consistency::PROGRESS_CHANNEL;
-use worldline_ops::kafka::base_client_config;
+use worldline_ops::kafka::{base_client_config, set_defaults};
 use worldline_schemas::decode_envelope;
 
 use crate::projector::{ApplyError, Event, Projector};
@@ -107,16 +107,6 @@ const FETCH_DEFAULTS: &[(&str, &str)] = &[
     ("fetch.min.bytes", "65536"),
     ("fetch.wait.max.ms", "15"),
 ];
-
-/// Sets each of `defaults` that `config` (the operator's `kafka.properties`
-/// included) does not set already.
-fn set_defaults(config: &mut rdkafka::ClientConfig, defaults: &[(&str, &str)]) {
-    for (key, value) in defaults {
-        if config.get(key).is_none() {
-            config.set(*key, *value);
-        }
-    }
-}
 
 /// What a batch keeps of one Kafka record. Not an `OwnedMessage`: detaching
 /// one copies its topic name and every header (nothing here reads headers),
