@@ -265,6 +265,13 @@ pub struct TopicSettings {
     pub prefix: String,
     /// Partitions per event topic. Partitions bound projector parallelism and
     /// cannot be reduced later without breaking per-world order, so err high.
+    /// Each one also costs the appender a produce request per `linger.ms`
+    /// (librdkafka sends one partition per request, five requests in flight
+    /// per broker with idempotence): on one two-core broker at 19 000 events/s
+    /// across five topics, 8 partitions each gave an acknowledgement p50 of
+    /// 13–17 ms and 85–93% machine CPU, 2 each 8–9 ms and 75–79%
+    /// (`BENCH_PARTITIONS`, ops/bench/project.sh). So err high for the
+    /// projector instances you may run, but not far beyond them.
     pub partitions: i32,
     /// Replicas per partition: 1 on a single local broker, 3 in production.
     pub replication_factor: i32,
