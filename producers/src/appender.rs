@@ -168,7 +168,10 @@ fn create_producer(
     producer_config(kafka, options).create()
 }
 
-fn producer_config(kafka: &KafkaSettings, options: &AppenderOptions) -> rdkafka::ClientConfig {
+/// The librdkafka configuration an appender with these settings runs with:
+/// the operator's properties, the guarantees over them, the tuning defaults
+/// under them. The append benchmark gives its Java counterpart the same.
+pub fn producer_config(kafka: &KafkaSettings, options: &AppenderOptions) -> rdkafka::ClientConfig {
     let mut config = base_client_config(kafka, &format!("worldline-{}", options.source));
     config
         // Exactly one copy per send, in order, even when the producer retries

@@ -38,6 +38,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 use worldline_ops::Settings;
 use worldline_ops::topics::{TopicSpec, ensure_topics, event_topic_specs};
+use worldline_producers::appender::producer_config;
 use worldline_producers::{Appender, AppenderOptions};
 use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
@@ -47,29 +48,68 @@ use worldline_schemas::pb::{
 };
 use worldline_schemas::{Family, new_event_id};
 
-/// The appender's producer settings (producers/src/appender.rs), given to
-/// ProducerPerformance so both sides make the same durability and batching trade.
-/// librdkafka's `batch.size` default is 1000000 bytes; Java's is 16384, so it is
-/// set explicitly. `max.in.flight.requests.per.connection` is 5 on both sides
-/// with idempotence.
-///
-/// lz4 at the default level on both sides: librdkafka's default for lz4 is its
-/// fast mode, and the Java client uses the fast compressor at its default
-/// level (any other level selects the high-compression one).
-const MATCHED_PRODUCER_PROPS: [(&str, &str); 6] = [
-    ("acks", "all"),
-    ("enable.idempotence", "true"),
-    ("compression.type", "lz4"),
-    ("linger.ms", "5"),
+/// The appender's settings (producers/src/appender.rs, as configured here)
+/// given to ProducerPerformance under the same names, so both sides make the
+/// same durability and batching trade. lz4 at its default level means the
+/// same on both sides: librdkafka's fast mode, and the Java client's fast
+/// compressor (any other level selects its high-compression one).
+const MIRRORED_PROPS: [&str; 4] = [
+    "acks",
+    "enable.idempotence",
+    "compression.type",
+    "linger.ms",
+];
+
+/// What ProducerPerformance needs set to match the appender: librdkafka's
+/// `batch.size` default is 1000000 bytes, Java's 16384;
+/// `max.in.flight.requests.per.connection` is 5 on both sides with idempotence.
+const JAVA_ONLY_PROPS: [(&str, &str); 2] = [
     ("batch.size", "1000000"),
     ("max.in.flight.requests.per.connection", "5"),
 ];
 
 /// Appender settings that have no ProducerPerformance counterpart, printed for
-/// the record (see producers/src/appender.rs).
-const APPENDER_ONLY_PROPS: &str = "partitioner=murmur2_random batch.num.messages=10000 \
-     queue.buffering.max.messages=1000000 queue.buffering.max.kbytes=1048576 \
-     message.timeout.ms=10000";
+/// the record.
+const APPENDER_ONLY_PROPS: [&str; 5] = [
+    "partitioner",
+    "batch.num.messages",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "message.timeout.ms",
+];
+
+/// The options of the benchmark's appender.
+fn appender_options(settings: &Settings) -> AppenderOptions {
+    AppenderOptions {
+        topic_prefix: settings.topics.prefix.clone(),
+        source: "bench".to_owned(),
+        ..AppenderOptions::default()
+    }
+}
+
+/// `key=value` of each of `keys` in the appender's configuration.
+fn appender_props(settings: &Settings, keys: &[&str]) -> Vec<String> {
+    let config = producer_config(&settings.kafka, &appender_options(settings));
+    keys.iter()
+        .map(|key| {
+            format!(
+                "{key}={}",
+                config.get(key).unwrap_or("(librdkafka default)")
+            )
+        })
+        .collect()
+}
+
+/// ProducerPerformance's `--command-property` values.
+fn matched_producer_props(settings: &Settings) -> Vec<String> {
+    let mut props = appender_props(settings, &MIRRORED_PROPS);
+    props.extend(
+        JAVA_ONLY_PROPS
+            .iter()
+            .map(|(key, value)| format!("{key}={value}")),
+    );
+    props
+}
 
 /// A clock tick one year into a world ticking once a second.
 const YEAR_OF_TICKS: u64 = 31_536_000;
@@ -88,6 +128,8 @@ struct BenchConfig {
     rounds: usize,
     kafka_libs: String,
     java: String,
+    /// ProducerPerformance's `--command-property` values (the appender's own).
+    matched_props: Vec<String>,
 }
 
 fn env_number(name: &str, default: usize) -> anyhow::Result<usize> {
@@ -100,7 +142,7 @@ fn env_number(name: &str, default: usize) -> anyhow::Result<usize> {
 }
 
 impl BenchConfig {
-    fn from_env() -> anyhow::Result<BenchConfig> {
+    fn from_env(settings: &Settings) -> anyhow::Result<BenchConfig> {
         let kafka_libs = std::env::var("WORLDLINE_KAFKA_LIBS").context(
             "WORLDLINE_KAFKA_LIBS is not set: run through ops/bench/append.sh, or source .worldline/env",
         )?;
@@ -112,6 +154,7 @@ impl BenchConfig {
             rounds: env_number("BENCH_ROUNDS", 2)?.max(1),
             kafka_libs,
             java: std::env::var("WORLDLINE_JAVA").unwrap_or_else(|_| "java".to_owned()),
+            matched_props: matched_producer_props(settings),
         })
     }
 }
@@ -699,9 +742,7 @@ fn run_producer_performance(
         .args(["--record-size", &record_size.to_string()])
         .args(["--throughput", "-1"])
         .arg("--command-property");
-    for (key, value) in MATCHED_PRODUCER_PROPS {
-        command.arg(format!("{key}={value}"));
-    }
+    command.args(&config.matched_props);
     // Room for the whole run in the producer's buffer, like the appender's
     // 1 GiB queue, so neither side is throttled by its own buffer.
     command.arg("buffer.memory=268435456");
@@ -901,12 +942,11 @@ fn print_settings(config: &BenchConfig, settings: &Settings) {
         "  rounds:            {} per side and family, alternating who goes first; the best counts",
         config.rounds
     );
-    let matched: Vec<String> = MATCHED_PRODUCER_PROPS
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    println!("  both producers:    {}", matched.join(" "));
-    println!("  appender only:     {APPENDER_ONLY_PROPS}");
+    println!("  both producers:    {}", config.matched_props.join(" "));
+    println!(
+        "  appender only:     {}",
+        appender_props(settings, &APPENDER_ONLY_PROPS).join(" ")
+    );
     println!(
         "  ProducerPerformance only: buffer.memory=268435456, no key (sticky partitioner), \
          no headers, payload of random letters of the family's mean encoded size"
@@ -1027,14 +1067,7 @@ fn year_tick_size() -> usize {
 
 async fn run(config: &BenchConfig, settings: &Settings) -> anyhow::Result<()> {
     print_settings(config, settings);
-    let appender = Appender::new(
-        &settings.kafka,
-        AppenderOptions {
-            topic_prefix: settings.topics.prefix.clone(),
-            source: "bench".to_owned(),
-            ..AppenderOptions::default()
-        },
-    )?;
+    let appender = Appender::new(&settings.kafka, appender_options(settings))?;
     let meter = CpuMeter::new();
     let mut rng = Rng(0x5EED_0FA9_9E4D);
     let mut results = Vec::new();
@@ -1059,8 +1092,8 @@ async fn run(config: &BenchConfig, settings: &Settings) -> anyhow::Result<()> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let config = BenchConfig::from_env()?;
     let mut settings = Settings::load(None)?;
+    let config = BenchConfig::from_env(&settings)?;
     let id = Uuid::new_v4().simple().to_string();
     settings.topics.prefix = format!("bench-{}.", &id[..8]);
     let specs = bench_topic_specs(&settings);

@@ -50,11 +50,16 @@ use worldline_tests::workload::Workload;
 /// Partitions per event topic, as in production defaults and the reliability
 /// tests, unless `BENCH_PARTITIONS` says otherwise (to see what the partition
 /// count costs the producer and the broker).
-fn partitions() -> i32 {
-    std::env::var("BENCH_PARTITIONS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(8)
+fn partitions() -> anyhow::Result<i32> {
+    match std::env::var("BENCH_PARTITIONS") {
+        Ok(raw) => raw
+            .trim()
+            .parse()
+            .ok()
+            .filter(|partitions| *partitions >= 1)
+            .with_context(|| format!("BENCH_PARTITIONS={raw:?} must be a positive number")),
+        Err(_) => Ok(8),
+    }
 }
 /// Events handed to one `append_batch` call while loading a backlog.
 const APPEND_CHUNK: usize = 20_000;
@@ -101,8 +106,8 @@ struct BenchConfig {
     /// every one of issue 4's five by default.
     alone: Vec<String>,
     /// `BENCH_FRESHNESS_RATE=5000`: skip the search for the sustainable maximum
-    /// and run the freshness measurement once at this rate (to compare
-    /// settings at one load; its figure is not the judged one).
+    /// and run the freshness rounds at this rate (to compare settings at one
+    /// load; its figure is not the judged one).
     fixed_freshness_rate: Option<f64>,
     /// `BENCH_FRESHNESS_ROUNDS` (default 3): how many times the judged freshness
     /// run is repeated; the round with the median p99 is judged. On two shared
@@ -1667,7 +1672,7 @@ fn print_header(config: &BenchConfig, env: &TestEnv) {
         "  {} cores; {} partitions per topic; {} events per family and in the mixed \
          backlog; {} worlds",
         std::thread::available_parallelism().map_or(0, usize::from),
-        partitions(),
+        env.settings.topics.partitions,
         config.events,
         config.worlds
     );
@@ -2071,9 +2076,10 @@ async fn freshness_phase(
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
+    let partitions = partitions()?;
     let mut stacks = Stacks {
-        per_family: TestEnv::new(partitions()).await,
-        mixed: TestEnv::new(partitions()).await,
+        per_family: TestEnv::new(partitions).await,
+        mixed: TestEnv::new(partitions).await,
     };
     let outcome = run(&mut stacks).await;
     // BENCH_KEEP=1 leaves databases and topics for inspection (EXPLAIN, psql).
