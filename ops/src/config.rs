@@ -296,7 +296,9 @@ pub struct ClockSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProjectorSettings {
-    /// Consumer group id prefix; each projector's group is `<prefix><projector name>`.
+    /// Consumer group id prefix. A `worldline project` process runs its projectors
+    /// behind one consumer, in the group `<prefix><names joined by +>`
+    /// (`<prefix>clock` for `--projector clock`); instances of the same set share it.
     pub group_prefix: String,
     /// Largest number of records applied in one Postgres transaction. Catching
     /// up, larger batches pay fewer commits and statements per event (5000

@@ -29,20 +29,44 @@ use tokio_util::sync::CancellationToken;
 use worldline_ops::{Health, Settings};
 
 pub use projector::{ApplyError, Event, Projector};
-pub use runtime::{ProjectorRuntime, RuntimeError, RuntimeOptions};
+pub use runtime::{ProjectorRuntime, RuntimeError, RuntimeOptions, Target};
 pub use store::SchemaName;
 
-/// The runtime options of `projector` under `settings`, writing to its own schema.
-pub fn runtime_options(settings: &Settings, projector: &dyn Projector) -> RuntimeOptions {
+/// `projector` writing to its own schema, reading its families' topics.
+pub fn target(settings: &Settings, projector: Arc<dyn Projector>) -> Target {
+    let schema = SchemaName::parse(projector.name())
+        .unwrap_or_else(|e| panic!("projector names are schema names: {e}"));
+    target_into(settings, projector, schema)
+}
+
+/// `projector` writing to another schema (a rebuild, a shadow).
+pub fn target_into(
+    settings: &Settings,
+    projector: Arc<dyn Projector>,
+    schema: SchemaName,
+) -> Target {
+    let topics = projector
+        .families()
+        .iter()
+        .map(|f| f.topic(&settings.topics.prefix))
+        .collect();
+    Target {
+        projector,
+        schema,
+        topics,
+    }
+}
+
+/// The runtime options of a set of targets under `settings`. Its consumer
+/// group is named after the set's schemas (`<prefix>clock`,
+/// `<prefix>worlds+clock+…`): every instance running the same set shares
+/// it, and one projector in two different sets would be applied by two
+/// groups at once (each batch would then conflict with the other group's;
+/// nothing is applied twice, but both keep re-reading).
+pub fn runtime_options(settings: &Settings, targets: &[Target]) -> RuntimeOptions {
+    let schemas: Vec<&str> = targets.iter().map(|t| t.schema.as_str()).collect();
     RuntimeOptions {
-        group_id: format!("{}{}", settings.projector.group_prefix, projector.name()),
-        schema: SchemaName::parse(projector.name())
-            .unwrap_or_else(|e| panic!("projector names are schema names: {e}")),
-        topics: projector
-            .families()
-            .iter()
-            .map(|f| f.topic(&settings.topics.prefix))
-            .collect(),
+        group_id: format!("{}{}", settings.projector.group_prefix, schemas.join("+")),
         batch_max_records: settings.projector.batch_max_records,
         batch_max_wait: Duration::from_millis(settings.projector.batch_max_wait_ms),
         session_timeout: Duration::from_millis(settings.projector.session_timeout_ms),
@@ -53,20 +77,7 @@ pub fn runtime_options(settings: &Settings, projector: &dyn Projector) -> Runtim
     }
 }
 
-/// Options for building `projector` into another schema (a rebuild, a shadow),
-/// with its own consumer group so it reads the whole log independently.
-pub fn runtime_options_into(
-    settings: &Settings,
-    projector: &dyn Projector,
-    schema: SchemaName,
-) -> RuntimeOptions {
-    let mut options = runtime_options(settings, projector);
-    options.group_id = format!("{}{}", settings.projector.group_prefix, schema.as_str());
-    options.schema = schema;
-    options
-}
-
-/// Runs the given projectors side by side until `shutdown`; returns the first error.
+/// Runs the given projectors until `shutdown`, as one set behind one consumer.
 pub async fn run_projectors(
     settings: &Settings,
     pool: PgPool,
@@ -74,28 +85,15 @@ pub async fn run_projectors(
     health: Health,
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for projector in projectors {
-        let options = runtime_options(settings, projector.as_ref());
-        let runtime = ProjectorRuntime::new(
-            projector,
-            pool.clone(),
-            settings.kafka.clone(),
-            options,
-            health.clone(),
-        );
-        tasks.spawn(runtime.run(shutdown.clone()));
+    let targets: Vec<Target> = projectors
+        .into_iter()
+        .map(|projector| target(settings, projector))
+        .collect();
+    let options = runtime_options(settings, &targets);
+    let runtime = ProjectorRuntime::new(targets, pool, settings.kafka.clone(), options, health);
+    let result = runtime.run(shutdown).await;
+    if let Err(error) = &result {
+        tracing::error!(%error, "projectors halted");
     }
-    let mut first_error = None;
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::error!(%error, "projector halted");
-                first_error.get_or_insert(error);
-            }
-            Err(join_error) => tracing::error!(%join_error, "projector task failed"),
-        }
-    }
-    first_error.map_or(Ok(()), Err)
+    result
 }

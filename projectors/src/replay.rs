@@ -6,7 +6,7 @@
 //! [`pass`]); a fresh shadow is bulk-built without its secondary indexes, which
 //! are created once, by sort, when the shadow is nearly caught up. When the
 //! shadow is close, it takes the live schema's exclusive swap lock (every live
-//! batch holds the shared one, see `runtime.rs`), so the live projector pauses
+//! batch holds the shared one, see `runtime/apply.rs`), so the live projector pauses
 //! between batches; the shadow catches up to the now-frozen live offsets; and,
 //! in the same transaction, the live schema is renamed away and the shadow
 //! renamed into its place. Queries see the old tables until that commit and the

@@ -106,20 +106,28 @@ async fn given_two_instances_when_one_is_killed_then_the_other_takes_over() {
     .await;
     let mut second = Projector::spawn(&env, "second");
     second.wait_until_serving().await;
-    // Settled: each instance owns part of every projector's partitions, and
-    // together they own each exactly once.
+    // Settled: the instances split the log's partitions, together own each
+    // exactly once, and a partition sits with every projector that reads it
+    // (one consumer per instance serves all of them).
     let (first_owned, second_before) = eventually(
         Duration::from_secs(60),
-        "the two instances to share every projector's partitions",
+        "the two instances to share the projectors' partitions",
         || async {
             let a = first.metrics().await.owned_partitions();
             let second_metrics = second.metrics().await;
             let b = second_metrics.owned_partitions();
-            let shared = a.is_disjoint(&b)
+            let shared = !a.is_empty()
+                && !b.is_empty()
+                && a.is_disjoint(&b)
                 && a.union(&b).cloned().collect::<BTreeSet<_>>() == every_partition
-                && support::projector_names()
-                    .iter()
-                    .all(|p| a.iter().any(|o| &o.0 == p) && b.iter().any(|o| &o.0 == p));
+                && [&a, &b].iter().all(|owned| {
+                    owned.iter().all(|(_, topic, partition)| {
+                        every_partition
+                            .iter()
+                            .filter(|(_, t, p)| t == topic && p == partition)
+                            .all(|reader| owned.contains(reader))
+                    })
+                });
             shared.then_some((a, second_metrics))
         },
     )

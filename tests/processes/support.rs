@@ -317,14 +317,6 @@ pub fn all_partitions(env: &TestEnv) -> BTreeSet<(String, String, i32)> {
     all
 }
 
-/// The name of every projector in the registry.
-pub fn projector_names() -> Vec<String> {
-    registry::all()
-        .iter()
-        .map(|p| p.name().to_owned())
-        .collect()
-}
-
 /// The seed of a randomized test: `WORLDLINE_TEST_SEED` to replay a run, else
 /// fresh entropy. Printed, so a failure can be reproduced.
 pub fn seed(test: &str) -> u64 {

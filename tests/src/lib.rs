@@ -29,7 +29,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 use worldline_ops::{Health, Settings};
-use worldline_projectors::{Projector, ProjectorRuntime, RuntimeOptions};
+use worldline_projectors::{Projector, ProjectorRuntime, RuntimeOptions, Target};
 use worldline_schemas::Family;
 
 /// Values from the env file the stack script writes (`<state>/env`), for keys
@@ -242,9 +242,10 @@ impl TestEnv {
         configure: impl FnOnce(&mut RuntimeOptions),
     ) -> Running {
         let name = projector.name();
-        let mut options = worldline_projectors::runtime_options(&self.settings, projector.as_ref());
+        let targets = vec![worldline_projectors::target(&self.settings, projector)];
+        let mut options = worldline_projectors::runtime_options(&self.settings, &targets);
         configure(&mut options);
-        let runtime = self.runtime(projector, options, Health::default());
+        let runtime = self.runtime(targets, options, Health::default());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(runtime.run(shutdown.clone()));
         Running {
@@ -254,16 +255,16 @@ impl TestEnv {
         }
     }
 
-    /// A runtime of `projector` on this test's database and broker, not yet
+    /// A runtime of `targets` on this test's database and broker, not yet
     /// running, reporting to `health`.
     pub fn runtime(
         &self,
-        projector: Arc<dyn Projector>,
+        targets: Vec<Target>,
         options: RuntimeOptions,
         health: Health,
     ) -> ProjectorRuntime {
         ProjectorRuntime::new(
-            projector,
+            targets,
             self.pool.clone(),
             self.settings.kafka.clone(),
             options,
@@ -387,13 +388,14 @@ impl TestEnv {
         let rebuilt =
             worldline_projectors::SchemaName::parse(&format!("{}_rebuild", projector.name()))
                 .expect("schema");
-        let options = worldline_projectors::runtime_options_into(
+        let targets = vec![worldline_projectors::target_into(
             &self.settings,
-            projector.as_ref(),
+            projector.clone(),
             rebuilt.clone(),
-        );
+        )];
+        let options = worldline_projectors::runtime_options(&self.settings, &targets);
         let shutdown = CancellationToken::new();
-        let runtime = self.runtime(projector.clone(), options, Health::default());
+        let runtime = self.runtime(targets, options, Health::default());
         let task = tokio::spawn(runtime.run(shutdown.clone()));
         let deadline = Instant::now() + Duration::from_secs(120);
         while !self.caught_up(rebuilt.as_str(), projector.as_ref()).await {

@@ -300,8 +300,9 @@ impl Observed {
         )
         .await
         .unwrap();
-        let options = worldline_projectors::runtime_options(&env.settings, projector.as_ref());
-        let runtime = env.runtime(projector, options, health);
+        let targets = vec![worldline_projectors::target(&env.settings, projector)];
+        let options = worldline_projectors::runtime_options(&env.settings, &targets);
+        let runtime = env.runtime(targets, options, health);
         let mut observed = Observed {
             ops: format!("http://{addr}"),
             halted_at_start: 0.0,
@@ -525,7 +526,11 @@ async fn kafka_committed_offsets_follow_the_stored_offsets_for_lag_tools() {
 
     // Another client of the same group only reads the group's offsets; it
     // does not subscribe, so it does not join the group or move anything.
-    let group = worldline_projectors::runtime_options(&env.settings, &ClockProjector).group_id;
+    let targets = [worldline_projectors::target(
+        &env.settings,
+        Arc::new(ClockProjector),
+    )];
+    let group = worldline_projectors::runtime_options(&env.settings, &targets).group_id;
     let reader: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &env.settings.kafka.bootstrap_servers)
         .set("group.id", &group)

@@ -1,12 +1,12 @@
 //! One pass over the log that builds several target schemas at once.
 //!
-//! The live runtime is shaped for freshness: small batches, one consumer group
-//! per projector, every record copied out of librdkafka and decoded by each
-//! projector that reads it. A rebuild wants throughput instead, so it reads each
-//! topic once (one reader thread, assigned partitions, no group), decodes each
-//! record once, and hands the same decoded chunk to every target that reads its
-//! topic. Each target applies on its own connection, concurrently with the
-//! others and with the reader, in large transactions.
+//! The live runtime is shaped for freshness: small batches that every projector
+//! of its set commits before the next one starts, behind a consumer group. A
+//! rebuild wants throughput instead, so it reads each topic once (one reader
+//! thread, assigned partitions, no group), decodes each record once, and hands
+//! the same decoded chunk to every target that reads its topic. Each target
+//! applies on its own connection, at its own pace, concurrently with the others
+//! and with the reader, in large transactions.
 //!
 //! Exactly-once is the runtime's rule, unchanged: a target's rows and its next
 //! offsets commit in one transaction, and the offsets move by compare-and-set

@@ -929,27 +929,31 @@ impl Running {
     }
 }
 
-/// Starts one in-process runtime per target, as `worldline project` would.
+/// Starts the targets as one in-process runtime (one consumer, one group), as
+/// `worldline project` runs its projectors.
 fn start_projectors(env: &TestEnv, targets: &[Target], batch_max_records: usize) -> Running {
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    for target in targets {
-        let projector = target.projector.clone();
-        let mut options = worldline_projectors::runtime_options_into(
-            &env.settings,
-            projector.as_ref(),
-            target.schema.clone(),
-        );
-        options.batch_max_records = batch_max_records;
-        let runtime = ProjectorRuntime::new(
-            projector,
-            env.pool.clone(),
-            env.settings.kafka.clone(),
-            options,
-            Health::default(),
-        );
-        tasks.spawn(runtime.run(shutdown.clone()));
-    }
+    let set: Vec<worldline_projectors::Target> = targets
+        .iter()
+        .map(|target| {
+            worldline_projectors::target_into(
+                &env.settings,
+                target.projector.clone(),
+                target.schema.clone(),
+            )
+        })
+        .collect();
+    let mut options = worldline_projectors::runtime_options(&env.settings, &set);
+    options.batch_max_records = batch_max_records;
+    let runtime = ProjectorRuntime::new(
+        set,
+        env.pool.clone(),
+        env.settings.kafka.clone(),
+        options,
+        Health::default(),
+    );
+    tasks.spawn(runtime.run(shutdown.clone()));
     Running { shutdown, tasks }
 }
 
@@ -1678,7 +1682,7 @@ fn print_header(config: &BenchConfig, env: &TestEnv) {
     );
     println!(
         "  batch_max_records tried: {:?} (the first is judged); batch_max_wait_ms {}; \
-         librdkafka consumer settings as in projectors/src/runtime.rs",
+         librdkafka consumer settings as in projectors/src/runtime/mod.rs",
         config.batch_sizes, env.settings.projector.batch_max_wait_ms
     );
     println!(
