@@ -28,6 +28,17 @@ pub struct Projector {
     pub application_name: String,
 }
 
+/// A test that fails part-way must not leave its processes running (and
+/// loading the machine for every test after it).
+impl Drop for Projector {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Each spawned process gets its own `application_name`.
 static SPAWNED: AtomicU64 = AtomicU64::new(0);
 
