@@ -736,6 +736,10 @@ log_line_prefix = '%m [%p] %q%u@%d '
 log_min_duration_statement = 1000
 log_lock_waits = on
 log_checkpoints = off
+
+# The commit time of every transaction (pg_xact_commit_timestamp): the
+# projection benchmark stamps when a batch became visible with it.
+track_commit_timestamp = on
 EOF
     pg_write "$PG_DATA/pg_hba.conf" 600 <<'EOF'
 # Written by ops/local/stack.sh: trust on the unix socket and on loopback only.

@@ -1167,10 +1167,19 @@ async fn watch_offsets(
     schemas: Vec<SchemaName>,
     origin: Instant,
     stop: CancellationToken,
-) -> anyhow::Result<OffsetHistory> {
+) -> anyhow::Result<Watched> {
     let mut listener = PgListener::connect(&url).await?;
     listener.listen(PROGRESS_CHANNEL).await?;
     let mut conn = PgConnection::connect(&url).await?;
+    let track_commit_timestamp: String = sqlx::query_scalar("SHOW track_commit_timestamp")
+        .fetch_one(&mut conn)
+        .await?;
+    // The offsets row's `xmin` is the batch transaction that last moved it.
+    let commit_time = if track_commit_timestamp == "on" {
+        "pg_xact_commit_timestamp(xmin)"
+    } else {
+        "NULL::timestamptz"
+    };
     let reads: Vec<(&str, String)> = schemas
         .iter()
         .map(|schema| {
@@ -1178,12 +1187,17 @@ async fn watch_offsets(
             (
                 s,
                 format!(
-                    "SELECT '{s}'::text, topic, partition, next_offset FROM {s}.projector_offsets"
+                    "SELECT '{s}'::text, topic, partition, next_offset, {commit_time} \
+                     FROM {s}.projector_offsets"
                 ),
             )
         })
         .collect();
+    // The wall clock at `origin`, to place commit times (the server's clock,
+    // on this machine) on the run's timeline.
+    let origin_wall = chrono::Utc::now() - chrono::Duration::from_std(origin.elapsed())?;
     let mut history = OffsetHistory::new();
+    let mut committed = OffsetHistory::new();
     // Commits made before LISTEN took effect sent nothing to this session.
     let mut due: Vec<&str> = reads.iter().map(|(schema, _)| *schema).collect();
     loop {
@@ -1194,16 +1208,24 @@ async fn watch_offsets(
                 .map(|(_, read)| read.as_str())
                 .collect::<Vec<_>>()
                 .join(" UNION ALL ");
-            let rows: Vec<(String, String, i32, i64)> = sqlx::query_as(AssertSqlSafe(statement))
+            let rows: Vec<OffsetRow> = sqlx::query_as(AssertSqlSafe(statement))
                 .fetch_all(&mut conn)
                 .await?;
             // The snapshot was taken before the answer arrived: stamping it with
             // the arrival time can only overstate staleness.
             let at = origin.elapsed();
-            for (schema, topic, partition, next) in rows {
-                let seen = history.entry((schema, topic, partition)).or_default();
+            for (schema, topic, partition, next, commit) in rows {
+                let key = (schema, topic, partition);
+                let seen = history.entry(key.clone()).or_default();
                 if seen.last().is_none_or(|(_, last)| *last != next) {
                     seen.push((at, next));
+                    // A commit this read skipped (two batches between reads)
+                    // is stamped with the later one: again only later, never
+                    // earlier than the truth.
+                    if let Some(commit) = commit {
+                        let commit_at = (commit - origin_wall).to_std().unwrap_or_default();
+                        committed.entry(key).or_default().push((commit_at, next));
+                    }
                 }
             }
         }
@@ -1223,7 +1245,29 @@ async fn watch_offsets(
         }
     }
     conn.close().await?;
-    Ok(history)
+    Ok(Watched {
+        observed: history,
+        committed: (track_commit_timestamp == "on").then_some(committed),
+    })
+}
+
+/// A stored offset as [`watch_offsets`] reads it: schema, topic, partition,
+/// next offset, and the commit time of the transaction that wrote it.
+type OffsetRow = (
+    String,
+    String,
+    i32,
+    i64,
+    Option<chrono::DateTime<chrono::Utc>>,
+);
+
+/// What [`watch_offsets`] saw.
+struct Watched {
+    /// Each change stamped when the observer's read of it arrived.
+    observed: OffsetHistory,
+    /// Each change stamped with its transaction's commit time
+    /// (`track_commit_timestamp`; `None` when the server does not track it).
+    committed: Option<OffsetHistory>,
 }
 
 /// Appends `events` at a steady `rate`, a small batch every few milliseconds,
@@ -1334,6 +1378,10 @@ struct Freshness {
     both: Latencies,
     /// Acknowledged → visible in both.
     both_from_ack: Latencies,
+    /// Append started → committed in both: each stored offset stamped with
+    /// the commit time of the transaction that moved it rather than when the
+    /// observer's read of it arrived (`None` without `track_commit_timestamp`).
+    both_committed: Option<Latencies>,
     /// Append started → its paced batch acknowledged by Kafka: the producer's
     /// share, stamped when the batch's slowest partition answered, so an event
     /// may be visible before its batch is. librdkafka sends one produce request
@@ -1472,7 +1520,8 @@ async fn measure_freshness(
         .collect();
     watch_catch_up(&env.pool, &drained, Instant::now(), Until::End, || Ok(())).await?;
     stop.cancel();
-    let history = poller.await??;
+    let watched = poller.await??;
+    let history = watched.observed;
 
     let mut schema_of = HashMap::new();
     let mut worlds_schema = String::new();
@@ -1485,6 +1534,10 @@ async fn measure_freshness(
         }
     }
     let (latencies, never_visible) = freshness_of(&sent, &history, &schema_of, &worlds_schema);
+    let committed = watched.committed.map(|committed| {
+        let (latencies, _) = freshness_of(&sent, &committed, &schema_of, &worlds_schema);
+        Latencies::of(latencies.iter().map(|l| l[2]).collect())
+    });
     let column = |i: usize| Latencies::of(latencies.iter().map(|l| l[i]).collect());
     let visible: Vec<f64> = latencies.iter().map(|l| l[4]).collect();
     if let Ok(prefix) = std::env::var("BENCH_FRESHNESS_CSV") {
@@ -1500,6 +1553,7 @@ async fn measure_freshness(
         worlds: column(1),
         both: column(2),
         both_from_ack: column(3),
+        both_committed: committed,
         acknowledged: Latencies::of(latencies.iter().map(|l| l[6] - l[5]).collect()),
     })
 }
@@ -2027,8 +2081,11 @@ fn freshness_method() -> String {
          time its answer arrived. Offsets commit in the same transaction as the read-model rows, \
          so an event is visible once its family's schema and the worlds schema store a \
          next_offset past it. Freshness = that first observation minus the start of its append: \
-         an upper bound that includes the producer's linger.ms=5. The pacer and the observer run \
-         on a thread of their own, not on the projectors' runtime. The catch-up maximum above is \
+         an upper bound that includes the producer's linger.ms=5. Where the server tracks commit \
+         timestamps (the local stack does), each change is also stamped with the commit time of \
+         the transaction that made it (pg_xact_commit_timestamp of the offsets row): the row \
+         'by commit time' is the same figure without the observer's own delay. The pacer and the \
+         observer run on a thread of their own, not on the projectors' runtime. The catch-up maximum above is \
          measured with nothing appending, but the load generator and the broker share these \
          cores: the judged rate is half the maximum sustainable throughput (the highest appended rate \
          the live pipeline kept up with, section 7).",
@@ -2068,6 +2125,9 @@ async fn freshness_phase(
     show("append start -> its family's read model", &freshness.family);
     show("append start -> worlds read model", &freshness.worlds);
     show("append start -> both (judged)", &freshness.both);
+    if let Some(committed) = &freshness.both_committed {
+        show("append start -> both, by commit time", committed);
+    }
     show("append start -> acknowledged", &freshness.acknowledged);
     show("acknowledged -> both", &freshness.both_from_ack);
     println!(
