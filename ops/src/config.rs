@@ -304,12 +304,12 @@ pub struct ProjectorSettings {
     /// up, larger batches pay fewer commits and statements per event (5000
     /// against 2000 on `ops/bench/project.sh`: weather 65-84k against 48-53k
     /// events/s, the others level or faster); live, batches close on
-    /// `batch_max_wait_ms` long before they fill. The cap also bounds how
-    /// large a batch grows after a stall, and with it the freshness tail:
-    /// 10 000 caught up 13-50% faster (`BENCH_ONLY=throughput
-    /// BENCH_BATCH_SIZES=5000,10000`) but at a steady 24 000 events/s gave a
-    /// freshness p99 of 155-213 ms against 95-124 ms with 5000 (three
-    /// alternated runs each).
+    /// `batch_max_wait_ms` long before they fill. 10 000 caught up 13-50%
+    /// faster (`BENCH_ONLY=throughput BENCH_BATCH_SIZES=5000,10000`) for about
+    /// 10 MiB more resident memory; at a steady 24 000 events/s its freshness
+    /// p99 was 144-213 ms (median 158) against 95-303 ms (median 132) with 5000,
+    /// six alternated runs each: within the noise of two shared cores, not yet
+    /// a reason to change the default either way.
     pub batch_max_records: usize,
     /// Longest time a partly filled batch waits for more records, in milliseconds.
     /// Bounds end-to-end freshness when traffic is light.
