@@ -1171,11 +1171,12 @@ async fn watch_offsets(
     let mut listener = PgListener::connect(&url).await?;
     listener.listen(PROGRESS_CHANNEL).await?;
     let mut conn = PgConnection::connect(&url).await?;
-    let track_commit_timestamp: String = sqlx::query_scalar("SHOW track_commit_timestamp")
+    let tracks_commits = sqlx::query_scalar::<_, String>("SHOW track_commit_timestamp")
         .fetch_one(&mut conn)
-        .await?;
+        .await?
+        == "on";
     // The offsets row's `xmin` is the batch transaction that last moved it.
-    let commit_time = if track_commit_timestamp == "on" {
+    let commit_time = if tracks_commits {
         "pg_xact_commit_timestamp(xmin)"
     } else {
         "NULL::timestamptz"
@@ -1216,17 +1217,24 @@ async fn watch_offsets(
             let at = origin.elapsed();
             for (schema, topic, partition, next, commit) in rows {
                 let key = (schema, topic, partition);
-                let seen = history.entry(key.clone()).or_default();
-                if seen.last().is_none_or(|(_, last)| *last != next) {
-                    seen.push((at, next));
-                    // A commit this read skipped (two batches between reads)
-                    // is stamped with the later one: again only later, never
-                    // earlier than the truth.
-                    if let Some(commit) = commit {
-                        let commit_at = (commit - origin_wall).to_std().unwrap_or_default();
-                        committed.entry(key).or_default().push((commit_at, next));
-                    }
+                let unchanged = history
+                    .get(&key)
+                    .and_then(|seen| seen.last())
+                    .is_some_and(|(_, last)| *last == next);
+                if unchanged {
+                    continue;
                 }
+                // A commit this read skipped (two batches between reads) is
+                // stamped with the later one: again only later, never earlier
+                // than the truth.
+                if let Some(commit) = commit {
+                    let commit_at = (commit - origin_wall).to_std().unwrap_or_default();
+                    committed
+                        .entry(key.clone())
+                        .or_default()
+                        .push((commit_at, next));
+                }
+                history.entry(key).or_default().push((at, next));
             }
         }
         let first = tokio::select! {
@@ -1247,7 +1255,7 @@ async fn watch_offsets(
     conn.close().await?;
     Ok(Watched {
         observed: history,
-        committed: (track_commit_timestamp == "on").then_some(committed),
+        committed: tracks_commits.then_some(committed),
     })
 }
 
@@ -2085,8 +2093,8 @@ fn freshness_method() -> String {
          timestamps (the local stack does), each change is also stamped with the commit time of \
          the transaction that made it (pg_xact_commit_timestamp of the offsets row): the row \
          'by commit time' is the same figure without the observer's own delay. The pacer and the \
-         observer run on a thread of their own, not on the projectors' runtime. The catch-up maximum above is \
-         measured with nothing appending, but the load generator and the broker share these \
+         observer run on a thread of their own, not on the projectors' runtime. The catch-up \
+         maximum above is measured with nothing appending, but the load generator and the broker share these \
          cores: the judged rate is half the maximum sustainable throughput (the highest appended rate \
          the live pipeline kept up with, section 7).",
         PACE_EVERY.as_millis(),
