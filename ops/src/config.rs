@@ -300,16 +300,17 @@ pub struct ProjectorSettings {
     /// behind one consumer, in the group `<prefix><names joined by +>`
     /// (`<prefix>clock` for `--projector clock`); instances of the same set share it.
     pub group_prefix: String,
-    /// Largest number of records applied in one Postgres transaction. Catching
-    /// up, larger batches pay fewer commits and statements per event (5000
-    /// against 2000 on `ops/bench/project.sh`: weather 65-84k against 48-53k
-    /// events/s, the others level or faster); live, batches close on
-    /// `batch_max_wait_ms` long before they fill. 10 000 caught up 13-50%
-    /// faster (`BENCH_ONLY=throughput BENCH_BATCH_SIZES=5000,10000`) for about
-    /// 10 MiB more resident memory; at a steady 24 000 events/s its freshness
-    /// p99 was 144-213 ms (median 158) against 95-303 ms (median 132) with 5000,
-    /// six alternated runs each: within the noise of two shared cores, not yet
-    /// a reason to change the default either way.
+    /// Largest number of records applied in one Postgres transaction. It binds
+    /// only while a projector is behind (catching up, replaying, after an
+    /// outage): live, batches close on `batch_max_wait_ms` long before they
+    /// fill (100-1000 records at 24 000 events/s on the benchmark). Larger
+    /// batches pay fewer commits and statements per event, and latest-state
+    /// rows coalesce more: on `ops/bench/project.sh`, three timed passes each,
+    /// weather caught up at 128-134k events/s with 10 000 against 101-108k with
+    /// 5000 (clock, story, inference and worlds 13-50% faster too), for about
+    /// 10 MiB more resident memory. At a steady 24 000 events/s the freshness
+    /// p99 was within the noise either way (six alternated runs each: 144-213
+    /// ms, median 158, with 10 000; 95-303 ms, median 132, with 5000).
     pub batch_max_records: usize,
     /// Longest time a partly filled batch waits for more records, in milliseconds.
     /// Bounds end-to-end freshness when traffic is light.
@@ -420,7 +421,7 @@ impl Default for ProjectorSettings {
     fn default() -> Self {
         ProjectorSettings {
             group_prefix: "worldline.projector.".to_owned(),
-            batch_max_records: 5000,
+            batch_max_records: 10_000,
             // 10 rather than 20: under a steady live load more, smaller
             // transactions kept up with more (ops/bench/project.sh, freshness
             // only, interleaved: maximum sustainable 18.6k and 19.3k ev/s

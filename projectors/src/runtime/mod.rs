@@ -74,8 +74,8 @@ const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 /// until 100 000 records or 64 MiB wait, 50 MiB per fetch) would hold hundreds
 /// of MiB of records no batch needs yet.
 const FETCH_DEFAULTS: &[(&str, &str)] = &[
-    // 2 000 records per partition: with the default 5 000-record batch, a
-    // full batch ahead once a consumer holds three partitions; the byte
+    // 2 000 records per partition: with the default 10 000-record batch, a
+    // full batch ahead once a consumer holds five partitions; the byte
     // limit below binds long before either.
     ("queued.min.messages", "2000"),
     // The consumer's whole prefetch queue, and the most one fetch brings
