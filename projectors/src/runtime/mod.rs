@@ -82,8 +82,9 @@ const FETCH_DEFAULTS: &[(&str, &str)] = &[
     // One consumer reads every partition of its set (40 for `worlds`), and
     // 512 KiB with 1 MiB fetches held about half a 10 000-record batch:
     // 4 MiB of each caught weather up at 143-145k events/s against 120-133k,
-    // and the live pipeline kept up with 84 000 appended events/s against
-    // 48-52k, for about 30 MiB more resident memory (ops/bench/project.sh).
+    // and the live pipeline kept up with 48-84k appended events/s (median
+    // about 62k over six runs) against 48-52k, for about 30 MiB more
+    // resident memory (ops/bench/project.sh).
     ("queued.max.messages.kbytes", "4096"),
     ("fetch.max.bytes", "4194304"),
     // A partition whose queue is full is not fetched again for this long
