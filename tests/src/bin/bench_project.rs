@@ -1724,8 +1724,6 @@ fn use_configured_projector_settings(env: &mut TestEnv) -> anyhow::Result<()> {
 struct Stacks {
     per_family: TestEnv,
     mixed: TestEnv,
-    /// Topics for the appender's further timed passes; no projector reads them.
-    scratch: TestEnv,
 }
 
 /// What the append phase produced.
@@ -1816,28 +1814,17 @@ async fn raw_phase(
     Ok(raw)
 }
 
-/// How many timed passes the append phase makes of each backlog.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AppendPasses {
-    /// Only the backlog itself: its rate is printed, not judged.
-    One,
-    /// The backlog, then `TIMED_PASSES - 1` more into the scratch stack's
-    /// topics; the judged rate is the median.
-    Judged,
-}
-
 /// Appends `events` with `backlog` (into the topics the projectors read),
-/// then again with `scratch` for the further timed passes; returns the rate
-/// of every pass, the backlog's first.
+/// then, given a `scratch` appender, `TIMED_PASSES - 1` more times with it;
+/// returns the rate of every pass, the backlog's first.
 async fn timed_appends(
     backlog: &Appender,
-    scratch: &Appender,
+    scratch: Option<&Appender>,
     events: &[Envelope],
-    passes: AppendPasses,
 ) -> anyhow::Result<Vec<f64>> {
     let count = u64::try_from(events.len())?;
     let mut rates = vec![per_second(count, append_backlog(backlog, events).await?)];
-    if passes == AppendPasses::Judged {
+    if let Some(scratch) = scratch {
         while rates.len() < TIMED_PASSES {
             rates.push(per_second(count, append_backlog(scratch, events).await?));
         }
@@ -1848,28 +1835,26 @@ async fn timed_appends(
 /// `rates` as printed: every pass, then the median when there were several.
 fn rates_and_median(rates: &[f64]) -> String {
     let each: Vec<String> = rates.iter().map(|rate| format!("{rate:.0}")).collect();
+    let mut printed = format!("{} events/s", each.join(", "));
     if rates.len() > 1 {
-        format!(
-            "{} events/s, median {:.0}",
-            each.join(", "),
-            rates[median_index(rates)]
-        )
-    } else {
-        format!("{} events/s", each.join(", "))
+        printed += &format!(", median {:.0}", rates[median_index(rates)]);
     }
+    printed
 }
 
+/// Appends every backlog, once; given a `scratch` stack, also the further
+/// timed passes into its topics, and the median rate is the one kept.
 async fn append_phase(
     stacks: &Stacks,
     config: &BenchConfig,
     family_events: Vec<(Family, Vec<Envelope>)>,
-    passes: AppendPasses,
+    scratch: Option<&TestEnv>,
 ) -> anyhow::Result<Backlogs> {
     println!(
         "\n2. Appending (Appender::append_batch in chunks of {APPEND_CHUNK}, each chunk \
          acknowledged before the next)"
     );
-    if passes == AppendPasses::Judged {
+    if scratch.is_some() {
         println!(
             "  {TIMED_PASSES} timed passes per backlog: the first is the backlog the projectors \
              read, the others go to a scratch set of topics; the median is judged"
@@ -1878,10 +1863,10 @@ async fn append_phase(
     // One producer per stack for the whole phase: connecting and fetching
     // metadata fall on the first backlog each appends, not on every pass.
     let per_family = bench_appender(&stacks.per_family)?;
-    let scratch = bench_appender(&stacks.scratch)?;
+    let scratch = scratch.map(bench_appender).transpose()?;
     let mut append_rates = HashMap::new();
     for (family, events) in &family_events {
-        let rates = timed_appends(&per_family, &scratch, events, passes).await?;
+        let rates = timed_appends(&per_family, scratch.as_ref(), events).await?;
         append_rates.insert(*family, rates[median_index(&rates)]);
         println!(
             "  {:<10} {:>8} events: {}",
@@ -1894,7 +1879,7 @@ async fn append_phase(
     let mut workload = Workload::new(config.worlds, 11);
     let mut backlog = workload.creations();
     backlog.extend(workload.next_batch(config.events));
-    let rates = timed_appends(&bench_appender(&stacks.mixed)?, &scratch, &backlog, passes).await?;
+    let rates = timed_appends(&bench_appender(&stacks.mixed)?, scratch.as_ref(), &backlog).await?;
     let mixed_append_rate = rates[median_index(&rates)];
     println!(
         "  mixed      {:>8} events: {} (world creations, then ~50% clock, 15% weather, 20% \
@@ -2032,6 +2017,25 @@ async fn per_projector_phase(
          the median counts; the others run only its first half, once, compared with the judged \
          runs' first half)"
     );
+    // Each measured projector: the stack and log ends it catches up on.
+    let mut alone: Vec<(&'static str, &TestEnv, String, Offsets)> = SINGLE_FAMILY
+        .iter()
+        .map(|(name, family)| {
+            (
+                *name,
+                &stacks.per_family,
+                format!("{name} ({} topic)", family.as_str()),
+                restrict(&backlogs.family_ends, &[*family], &stacks.per_family),
+            )
+        })
+        .collect();
+    alone.push((
+        "worlds",
+        &stacks.mixed,
+        "worlds (mixed, every topic)".to_owned(),
+        backlogs.mixed_ends.clone(),
+    ));
+    alone.retain(|(name, ..)| config.alone.iter().any(|n| n == name));
     let mut judged = HashMap::new();
     for (round, batch) in config.batch_sizes.iter().enumerate() {
         let (until, passes) = if round == 0 {
@@ -2039,79 +2043,35 @@ async fn per_projector_phase(
         } else {
             (Until::Half, 1)
         };
-        let mut alone: Vec<(&'static str, &TestEnv, String, Offsets)> = SINGLE_FAMILY
-            .iter()
-            .map(|(name, family)| {
-                (
-                    *name,
-                    &stacks.per_family,
-                    format!("{name} ({} topic)", family.as_str()),
-                    restrict(&backlogs.family_ends, &[*family], &stacks.per_family),
-                )
-            })
-            .collect();
-        alone.push((
-            "worlds",
-            &stacks.mixed,
-            "worlds (mixed, every topic)".to_owned(),
-            backlogs.mixed_ends.clone(),
-        ));
-        for (name, env, label, ends) in alone {
-            if !config.alone.iter().any(|n| n == name) {
-                continue;
-            }
+        for (name, env, label, ends) in &alone {
             let mut rates = Vec::with_capacity(passes);
             for pass in 1..=passes {
-                let schema_suffix = if pass == 1 {
-                    format!("b{batch}")
-                } else {
-                    format!("b{batch}p{pass}")
-                };
-                let alone = Alone {
-                    name,
-                    label: &label,
-                    schema_suffix: &schema_suffix,
-                    batch: *batch,
-                    ends: &ends,
-                    until,
-                };
-                rates.push(run_alone(env, &alone).await?);
+                let schema_suffix = format!("b{batch}p{pass}");
+                let target = targets(&[name], &schema_suffix, env, ends)?;
+                rates.push(run_alone(env, &target, label, *batch, until).await?);
             }
             if round == 0 {
                 if rates.len() > 1 {
                     println!("  {:<28} {}", "", rates_and_median(&rates));
                 }
-                judged.insert(name, rates[median_index(&rates)]);
+                judged.insert(*name, rates[median_index(&rates)]);
             }
         }
     }
     Ok(judged)
 }
 
-/// One catch-up run of a projector on its own.
-struct Alone<'a> {
-    name: &'a str,
-    label: &'a str,
-    /// Names its fresh schema: `<name>_<suffix>`.
-    schema_suffix: &'a str,
+/// One catch-up run of `target` (a projector on its own), printed as `label`.
+async fn run_alone(
+    env: &TestEnv,
+    target: &[Target],
+    label: &str,
     batch: usize,
-    ends: &'a Offsets,
     until: Until,
-}
-
-async fn run_alone(env: &TestEnv, alone: &Alone<'_>) -> anyhow::Result<f64> {
-    let Alone {
-        name,
-        label,
-        schema_suffix,
-        batch,
-        ends,
-        until,
-    } = *alone;
-    let target = targets(&[name], schema_suffix, env, ends)?;
+) -> anyhow::Result<f64> {
     let origin = Instant::now();
-    let running = start_projectors(env, &target, batch);
-    let catch_up = watch_catch_up(&env.pool, &target, origin, until, || Ok(())).await?;
+    let running = start_projectors(env, target, batch);
+    let catch_up = watch_catch_up(&env.pool, target, origin, until, || Ok(())).await?;
     running.stop().await?;
     print_catch_up(label, batch, &catch_up[0], until);
     Ok(catch_up[0].rate())
@@ -2190,9 +2150,9 @@ fn freshness_method() -> String {
          the transaction that made it (pg_xact_commit_timestamp of the offsets row): the row \
          'by commit time' is the same figure without the observer's own delay. The pacer and the \
          observer run on a thread of their own, not on the projectors' runtime. The catch-up \
-         maximum above is measured with nothing appending, but the load generator and the broker share these \
-         cores: the judged rate is half the maximum sustainable throughput (the highest appended rate \
-         the live pipeline kept up with, section 7).",
+         maximum above is measured with nothing appending, but the load generator and the \
+         broker share these cores: the judged rate is half the maximum sustainable throughput \
+         (the highest appended rate the live pipeline kept up with, section 7).",
         PACE_EVERY.as_millis(),
     )
 }
@@ -2248,12 +2208,11 @@ async fn main() -> anyhow::Result<()> {
     let mut stacks = Stacks {
         per_family: TestEnv::new(partitions).await,
         mixed: TestEnv::new(partitions).await,
-        scratch: TestEnv::new(partitions).await,
     };
     let outcome = run(&mut stacks).await;
     // BENCH_KEEP=1 leaves databases and topics for inspection (EXPLAIN, psql).
     if std::env::var("BENCH_KEEP").is_ok_and(|v| v == "1") {
-        for env in [&stacks.per_family, &stacks.mixed, &stacks.scratch] {
+        for env in [&stacks.per_family, &stacks.mixed] {
             println!(
                 "  kept: database {} and topics {}*",
                 env.settings.database.url, env.settings.topics.prefix
@@ -2265,7 +2224,6 @@ async fn main() -> anyhow::Result<()> {
     // after a failure, and a million events per run would pile up.
     stacks.per_family.cleanup().await;
     stacks.mixed.cleanup().await;
-    stacks.scratch.cleanup().await;
     outcome
 }
 
@@ -2293,12 +2251,12 @@ async fn run(stacks: &mut Stacks) -> anyhow::Result<()> {
         cpu = now;
     };
     if config.only == Only::Memory {
-        let backlogs = append_phase(stacks, &config, family_events, AppendPasses::One).await?;
+        let backlogs = append_phase(stacks, &config, family_events, None).await?;
         memory_phase(&stacks.mixed, &config, &backlogs.mixed_ends).await?;
         return Ok(());
     }
     if config.only == Only::Freshness {
-        let mut backlogs = append_phase(stacks, &config, family_events, AppendPasses::One).await?;
+        let mut backlogs = append_phase(stacks, &config, family_events, None).await?;
         phase_done();
         let (runs, mixed_rate) =
             mixed_and_freshness(stacks, &config, &mut backlogs, &mut phase_done).await?;
@@ -2308,7 +2266,12 @@ async fn run(stacks: &mut Stacks) -> anyhow::Result<()> {
     }
     let raw = raw_phase(&stacks.per_family, config.events, &family_events).await?;
     phase_done();
-    let mut backlogs = append_phase(stacks, &config, family_events, AppendPasses::Judged).await?;
+    // The further timed passes go to topics of their own, dropped as soon as
+    // they are timed: no projector reads them.
+    let scratch = TestEnv::new(stacks.per_family.settings.topics.partitions).await;
+    let appended = append_phase(stacks, &config, family_events, Some(&scratch)).await;
+    scratch.cleanup().await;
+    let mut backlogs = appended?;
     phase_done();
     if config.only == Only::Throughput {
         per_projector_phase(stacks, &config, &backlogs).await?;
