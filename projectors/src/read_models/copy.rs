@@ -20,7 +20,9 @@
 //! 110k to 35k. [`append`] therefore copies only when the encoded rows reach
 //! [`COPY_MIN_BYTES`] (well past one segment even on loopback, whose segments
 //! are 64 KiB), and sends anything smaller as one `INSERT` (one message, one
-//! round trip, no stall).
+//! round trip, no stall). [`append_with`] folds that `INSERT` into the read
+//! model's next statement, so a live batch's append costs no round trip of
+//! its own.
 
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, PgConnection};
@@ -43,7 +45,7 @@ pub enum Values<'a> {
     Jsonb(&'a [serde_json::Value]),
 }
 
-impl Values<'_> {
+impl<'a> Values<'a> {
     fn len(&self) -> usize {
         match self {
             Values::Uuid(v) => v.len(),
@@ -80,6 +82,21 @@ impl Values<'_> {
             Values::Int8(v) => v.len() * (LENGTH + 8),
             Values::Timestamptz(v) => v.len() * (LENGTH + 8),
             Values::Jsonb(v) => v.len() * (LENGTH + 1),
+        }
+    }
+
+    fn bind_to<'q>(&self, query: PgQuery<'q>) -> PgQuery<'q>
+    where
+        'a: 'q,
+    {
+        match *self {
+            Values::Uuid(v) => query.bind(v),
+            Values::Text(v) => query.bind(v),
+            Values::Name(v) => query.bind(v),
+            Values::Int4(v) => query.bind(v),
+            Values::Int8(v) => query.bind(v),
+            Values::Timestamptz(v) => query.bind(v),
+            Values::Jsonb(v) => query.bind(v),
         }
     }
 
@@ -130,27 +147,96 @@ pub async fn append(
         }
         return copy.copy_into(tx, &format!("{table} ({names})")).await;
     }
+    let mut insert = sqlx::query(AssertSqlSafe(unnest_insert(table, &names, columns, 0)));
+    for (_, values) in columns {
+        insert = values.bind_to(insert);
+    }
+    Ok(insert.execute(&mut *tx).await?.rows_affected())
+}
+
+/// A statement that [`append_with`] sends with the rows, and how to bind its
+/// parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct Then<'s> {
+    /// The statement; it may start with its own `WITH`. Its parameters are
+    /// `$1` to `$params`.
+    pub sql: &'s str,
+    pub params: usize,
+}
+
+/// [`append`] and then `then`, in as few round trips as the rows allow. Rows
+/// that [`append`] would send as one `INSERT` become a data-modifying `WITH`
+/// in front of `then` (which PostgreSQL runs once and in full, whether or not
+/// `then` reads it): one statement, one round trip, where a live batch paid
+/// two. Rows for a `COPY` are copied first and `then` follows on its own.
+/// `then` must not read `table`: a `WITH` and its statement see the same
+/// snapshot, so it would not see the rows appended beside it.
+pub async fn append_with<'q>(
+    tx: &mut PgConnection,
+    table: &'static str,
+    columns: &[(&'static str, Values<'q>)],
+    then: Then<'_>,
+    bind: impl FnOnce(PgQuery<'q>) -> PgQuery<'q>,
+) -> Result<(), sqlx::Error> {
+    let rows = columns.first().map_or(0, |(_, values)| values.len());
+    let copy_bytes = rows * 2
+        + columns
+            .iter()
+            .map(|(_, values)| values.copy_bytes_at_least())
+            .sum::<usize>();
+    if rows == 0 || copy_bytes >= COPY_MIN_BYTES {
+        append(tx, table, columns).await?;
+        bind(sqlx::query(AssertSqlSafe(then.sql.to_owned())))
+            .execute(&mut *tx)
+            .await?;
+        return Ok(());
+    }
+    let mut statement = bind(sqlx::query(AssertSqlSafe(appending_before(
+        table, columns, then,
+    ))));
+    for (_, values) in columns {
+        statement = values.bind_to(statement);
+    }
+    statement.execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// `then` behind a data-modifying `WITH` that appends `columns` to `table`,
+/// their parameters numbered after `then`'s.
+fn appending_before(table: &str, columns: &[(&'static str, Values<'_>)], then: Then<'_>) -> String {
+    let names = columns
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let appended = format!(
+        "appended_{table} AS ({})",
+        unnest_insert(table, &names, columns, then.params)
+    );
+    match then.sql.trim_start().strip_prefix("WITH ") {
+        Some(rest) => format!("WITH {appended}, {rest}"),
+        None => format!("WITH {appended} {}", then.sql),
+    }
+}
+
+/// A query whose parameters are bound by value or by reference for `'q`.
+pub type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// `INSERT INTO table (names) SELECT * FROM UNNEST(…)` with one array
+/// parameter per column, numbered after the first `skip`.
+fn unnest_insert(
+    table: &str,
+    names: &str,
+    columns: &[(&'static str, Values<'_>)],
+    skip: usize,
+) -> String {
     let arrays = columns
         .iter()
         .enumerate()
-        .map(|(i, (_, values))| format!("${}::{}", i + 1, values.array_type()))
+        .map(|(i, (_, values))| format!("${}::{}", skip + i + 1, values.array_type()))
         .collect::<Vec<_>>()
         .join(", ");
-    let mut insert = sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {table} ({names}) SELECT * FROM UNNEST({arrays})"
-    )));
-    for (_, values) in columns {
-        insert = match *values {
-            Values::Uuid(v) => insert.bind(v),
-            Values::Text(v) => insert.bind(v),
-            Values::Name(v) => insert.bind(v),
-            Values::Int4(v) => insert.bind(v),
-            Values::Int8(v) => insert.bind(v),
-            Values::Timestamptz(v) => insert.bind(v),
-            Values::Jsonb(v) => insert.bind(v),
-        };
-    }
-    Ok(insert.execute(&mut *tx).await?.rows_affected())
+    format!("INSERT INTO {table} ({names}) SELECT * FROM UNNEST({arrays})")
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
@@ -270,6 +356,36 @@ impl BinaryRows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_a_statement_then_the_rows_are_appended_in_a_with_in_front_of_it() {
+        let ids = [Uuid::nil()];
+        let ticks = [7_i64];
+        let columns = [
+            ("event_id", Values::Uuid(&ids)),
+            ("tick", Values::Int8(&ticks)),
+        ];
+        let plain = Then {
+            sql: "INSERT INTO totals SELECT * FROM UNNEST($1::text[], $2::bigint[])",
+            params: 2,
+        };
+        assert_eq!(
+            appending_before("log", &columns, plain),
+            "WITH appended_log AS (INSERT INTO log (event_id, tick) \
+             SELECT * FROM UNNEST($3::uuid[], $4::bigint[])) \
+             INSERT INTO totals SELECT * FROM UNNEST($1::text[], $2::bigint[])"
+        );
+        let with_its_own = Then {
+            sql: "\n  WITH b AS (SELECT * FROM UNNEST($1::text[])) INSERT INTO totals SELECT * FROM b",
+            params: 1,
+        };
+        assert_eq!(
+            appending_before("log", &columns, with_its_own),
+            "WITH appended_log AS (INSERT INTO log (event_id, tick) \
+             SELECT * FROM UNNEST($2::uuid[], $3::bigint[])), \
+             b AS (SELECT * FROM UNNEST($1::text[])) INSERT INTO totals SELECT * FROM b"
+        );
+    }
 
     #[test]
     fn given_a_row_when_encoded_then_fields_carry_their_lengths_and_nulls_minus_one() {

@@ -15,11 +15,37 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
-use crate::read_models::copy::{Values, append};
+use crate::read_models::copy::{Then, Values, append_with};
 use crate::read_models::fresh;
 use crate::read_models::names::{inference_outcome, inference_purpose, to_i32, to_i64};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/inference");
+
+/// Each (world, model, purpose, minute) bucket's figures of a batch added to
+/// its row (`$1`-`$12`, one array per column of [`StatsColumns`]).
+const ADD_TO_STATS: &str =
+    "INSERT INTO model_stats AS s (world_id, model_id, purpose, bucket_start, inferences,
+        failures, prompt_tokens, completion_tokens, cost_micro_usd, latency_sum_ms,
+        latency_max_ms, latency_histogram)
+    SELECT u.world_id, u.model_id, u.purpose, u.bucket_start, u.inferences, u.failures,
+           u.prompt_tokens, u.completion_tokens, u.cost, u.latency_sum, u.latency_max,
+           u.histogram::bigint[]
+      FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[],
+                  $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
+                  $11::int[], $12::text[])
+        AS u(world_id, model_id, purpose, bucket_start, inferences, failures,
+             prompt_tokens, completion_tokens, cost, latency_sum, latency_max, histogram)
+    ON CONFLICT (world_id, model_id, purpose, bucket_start) DO UPDATE SET
+        inferences = s.inferences + EXCLUDED.inferences,
+        failures = s.failures + EXCLUDED.failures,
+        prompt_tokens = s.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = s.completion_tokens + EXCLUDED.completion_tokens,
+        cost_micro_usd = s.cost_micro_usd + EXCLUDED.cost_micro_usd,
+        latency_sum_ms = s.latency_sum_ms + EXCLUDED.latency_sum_ms,
+        latency_max_ms = GREATEST(s.latency_max_ms, EXCLUDED.latency_max_ms),
+        latency_histogram = ARRAY(
+            SELECT a + b FROM unnest(s.latency_histogram, EXCLUDED.latency_histogram) AS h(a, b)
+        )";
 
 /// Upper bounds (inclusive, ms) of the latency histogram's buckets; one more
 /// bucket holds everything slower. Must match `histogram_quantile` in the migration.
@@ -84,52 +110,36 @@ impl Projector for InferenceProjector {
             if log.event_id.is_empty() {
                 return Ok(());
             }
-            log.append_to_log(tx).await?;
             let buckets = log.buckets(&log.event_id.iter().copied().collect());
-            if buckets.is_empty() {
-                return Ok(());
-            }
             let mut columns = StatsColumns::default();
             for (key, bucket) in buckets {
                 columns.push(key, &bucket);
             }
-            sqlx::query(
-                "INSERT INTO model_stats AS s (world_id, model_id, purpose, bucket_start, inferences,
-                     failures, prompt_tokens, completion_tokens, cost_micro_usd, latency_sum_ms,
-                     latency_max_ms, latency_histogram)
-                 SELECT u.world_id, u.model_id, u.purpose, u.bucket_start, u.inferences, u.failures,
-                        u.prompt_tokens, u.completion_tokens, u.cost, u.latency_sum, u.latency_max,
-                        u.histogram::bigint[]
-                   FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[],
-                               $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
-                               $11::int[], $12::text[])
-                     AS u(world_id, model_id, purpose, bucket_start, inferences, failures,
-                          prompt_tokens, completion_tokens, cost, latency_sum, latency_max, histogram)
-                 ON CONFLICT (world_id, model_id, purpose, bucket_start) DO UPDATE SET
-                     inferences = s.inferences + EXCLUDED.inferences,
-                     failures = s.failures + EXCLUDED.failures,
-                     prompt_tokens = s.prompt_tokens + EXCLUDED.prompt_tokens,
-                     completion_tokens = s.completion_tokens + EXCLUDED.completion_tokens,
-                     cost_micro_usd = s.cost_micro_usd + EXCLUDED.cost_micro_usd,
-                     latency_sum_ms = s.latency_sum_ms + EXCLUDED.latency_sum_ms,
-                     latency_max_ms = GREATEST(s.latency_max_ms, EXCLUDED.latency_max_ms),
-                     latency_histogram = ARRAY(
-                         SELECT a + b FROM unnest(s.latency_histogram, EXCLUDED.latency_histogram) AS h(a, b)
-                     )",
+            // The log and the statistics in one statement.
+            append_with(
+                tx,
+                "inferences",
+                &log.columns(),
+                Then {
+                    sql: ADD_TO_STATS,
+                    params: 12,
+                },
+                |statement| {
+                    statement
+                        .bind(columns.world_id)
+                        .bind(columns.model_id)
+                        .bind(columns.purpose)
+                        .bind(columns.bucket_start)
+                        .bind(columns.inferences)
+                        .bind(columns.failures)
+                        .bind(columns.prompt_tokens)
+                        .bind(columns.completion_tokens)
+                        .bind(columns.cost)
+                        .bind(columns.latency_sum)
+                        .bind(columns.latency_max)
+                        .bind(columns.histogram)
+                },
             )
-            .bind(columns.world_id)
-            .bind(columns.model_id)
-            .bind(columns.purpose)
-            .bind(columns.bucket_start)
-            .bind(columns.inferences)
-            .bind(columns.failures)
-            .bind(columns.prompt_tokens)
-            .bind(columns.completion_tokens)
-            .bind(columns.cost)
-            .bind(columns.latency_sum)
-            .bind(columns.latency_max)
-            .bind(columns.histogram)
-            .execute(&mut *tx)
             .await?;
             Ok(())
         }
@@ -218,28 +228,24 @@ impl InferenceColumns {
     }
 
     /// Appends the rows to the inference log.
-    async fn append_to_log(&self, tx: &mut PgConnection) -> Result<u64, sqlx::Error> {
-        append(
-            tx,
-            "inferences",
-            &[
-                ("event_id", Values::Uuid(&self.event_id)),
-                ("world_id", Values::Text(&self.world_id)),
-                ("tick", Values::Int8(&self.tick)),
-                ("occurred_at", Values::Timestamptz(&self.occurred_at)),
-                ("model_id", Values::Text(&self.model_id)),
-                ("model_version", Values::Text(&self.model_version)),
-                ("purpose", Values::Name(&self.purpose)),
-                ("prompt_tokens", Values::Int4(&self.prompt_tokens)),
-                ("completion_tokens", Values::Int4(&self.completion_tokens)),
-                ("latency_ms", Values::Int4(&self.latency_ms)),
-                ("cost_micro_usd", Values::Int8(&self.cost)),
-                ("outcome", Values::Name(&self.outcome)),
-                ("npc_id", Values::Text(&self.npc_id)),
-                ("input_hash", Values::Text(&self.input_hash)),
-            ],
-        )
-        .await
+    /// The log's columns, as [`append_with`] takes them.
+    fn columns(&self) -> [(&'static str, Values<'_>); 14] {
+        [
+            ("event_id", Values::Uuid(&self.event_id)),
+            ("world_id", Values::Text(&self.world_id)),
+            ("tick", Values::Int8(&self.tick)),
+            ("occurred_at", Values::Timestamptz(&self.occurred_at)),
+            ("model_id", Values::Text(&self.model_id)),
+            ("model_version", Values::Text(&self.model_version)),
+            ("purpose", Values::Name(&self.purpose)),
+            ("prompt_tokens", Values::Int4(&self.prompt_tokens)),
+            ("completion_tokens", Values::Int4(&self.completion_tokens)),
+            ("latency_ms", Values::Int4(&self.latency_ms)),
+            ("cost_micro_usd", Values::Int8(&self.cost)),
+            ("outcome", Values::Name(&self.outcome)),
+            ("npc_id", Values::Text(&self.npc_id)),
+            ("input_hash", Values::Text(&self.input_hash)),
+        ]
     }
 
     /// Per-minute statistics of the rows whose ids are in `new_ids`, each id once.

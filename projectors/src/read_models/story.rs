@@ -15,11 +15,34 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
-use crate::read_models::copy::{Values, append};
+use crate::read_models::copy::{Then, Values, append_with};
 use crate::read_models::fresh;
 use crate::read_models::names::to_i64;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/story");
+
+/// How often each choice was taken at each node (`$1`-`$5`), and each player's
+/// progress per story (`$6`-`$14`).
+const TALLIES_AND_PROGRESS: &str = "
+    WITH tallied AS (
+        INSERT INTO node_tallies AS t (world_id, story_id, node_id, choice_id, times)
+        SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+        ON CONFLICT (world_id, story_id, node_id, choice_id)
+        DO UPDATE SET times = t.times + EXCLUDED.times
+    )
+    INSERT INTO player_progress AS p (world_id, player_id, story_id, current_node_id,
+        last_choice_id, choices_made, tick, log_offset, updated_at)
+    SELECT * FROM UNNEST($6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                         $11::bigint[], $12::bigint[], $13::bigint[], $14::timestamptz[])
+    ON CONFLICT (world_id, player_id, story_id) DO UPDATE SET
+        choices_made = p.choices_made + EXCLUDED.choices_made,
+        current_node_id = CASE WHEN EXCLUDED.log_offset > p.log_offset
+                               THEN EXCLUDED.current_node_id ELSE p.current_node_id END,
+        last_choice_id = CASE WHEN EXCLUDED.log_offset > p.log_offset
+                              THEN EXCLUDED.last_choice_id ELSE p.last_choice_id END,
+        tick = GREATEST(p.tick, EXCLUDED.tick),
+        log_offset = GREATEST(p.log_offset, EXCLUDED.log_offset),
+        updated_at = GREATEST(p.updated_at, EXCLUDED.updated_at)";
 
 /// Projects `StoryChoiceMade` events.
 #[derive(Debug, Default)]
@@ -80,25 +103,6 @@ impl Projector for StoryProjector {
             if event_id.is_empty() {
                 return Ok(());
             }
-            append(
-                tx,
-                "choices",
-                &[
-                    ("event_id", Values::Uuid(&event_id)),
-                    ("world_id", Values::Text(&world_id)),
-                    ("tick", Values::Int8(&tick)),
-                    ("occurred_at", Values::Timestamptz(&occurred_at)),
-                    ("player_id", Values::Text(&player_id)),
-                    ("story_id", Values::Text(&story_id)),
-                    ("node_id", Values::Text(&node_id)),
-                    ("choice_id", Values::Text(&choice_id)),
-                    ("next_node_id", Values::Text(&next_node_id)),
-                    ("context", Values::Jsonb(&context)),
-                    ("log_partition", Values::Int4(&partition)),
-                    ("log_offset", Values::Int8(&offset)),
-                ],
-            )
-            .await?;
             // Grouped here rather than in SQL: grouping by text keys needs only
             // equality, and a sort of the batch on the server would compare by
             // collation and spill to disk.
@@ -125,45 +129,47 @@ impl Projector for StoryProjector {
                 t.3.push(choice);
                 t.4.push(times);
             }
-            sqlx::query(
-                "INSERT INTO node_tallies AS t (world_id, story_id, node_id, choice_id, times)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
-                 ON CONFLICT (world_id, story_id, node_id, choice_id)
-                 DO UPDATE SET times = t.times + EXCLUDED.times",
-            )
-            .bind(&t.0)
-            .bind(&t.1)
-            .bind(&t.2)
-            .bind(&t.3)
-            .bind(&t.4)
-            .execute(&mut *tx)
-            .await?;
             let (counts, latest): (Vec<i64>, Vec<usize>) = progress.into_values().unzip();
-            sqlx::query(
-                "INSERT INTO player_progress AS p (world_id, player_id, story_id, current_node_id,
-                     last_choice_id, choices_made, tick, log_offset, updated_at)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                      $6::bigint[], $7::bigint[], $8::bigint[], $9::timestamptz[])
-                 ON CONFLICT (world_id, player_id, story_id) DO UPDATE SET
-                     choices_made = p.choices_made + EXCLUDED.choices_made,
-                     current_node_id = CASE WHEN EXCLUDED.log_offset > p.log_offset
-                                            THEN EXCLUDED.current_node_id ELSE p.current_node_id END,
-                     last_choice_id = CASE WHEN EXCLUDED.log_offset > p.log_offset
-                                           THEN EXCLUDED.last_choice_id ELSE p.last_choice_id END,
-                     tick = GREATEST(p.tick, EXCLUDED.tick),
-                     log_offset = GREATEST(p.log_offset, EXCLUDED.log_offset),
-                     updated_at = GREATEST(p.updated_at, EXCLUDED.updated_at)",
+            // The log, the tallies and the progress in one statement.
+            append_with(
+                tx,
+                "choices",
+                &[
+                    ("event_id", Values::Uuid(&event_id)),
+                    ("world_id", Values::Text(&world_id)),
+                    ("tick", Values::Int8(&tick)),
+                    ("occurred_at", Values::Timestamptz(&occurred_at)),
+                    ("player_id", Values::Text(&player_id)),
+                    ("story_id", Values::Text(&story_id)),
+                    ("node_id", Values::Text(&node_id)),
+                    ("choice_id", Values::Text(&choice_id)),
+                    ("next_node_id", Values::Text(&next_node_id)),
+                    ("context", Values::Jsonb(&context)),
+                    ("log_partition", Values::Int4(&partition)),
+                    ("log_offset", Values::Int8(&offset)),
+                ],
+                Then {
+                    sql: TALLIES_AND_PROGRESS,
+                    params: 14,
+                },
+                |statement| {
+                    statement
+                        .bind(t.0)
+                        .bind(t.1)
+                        .bind(t.2)
+                        .bind(t.3)
+                        .bind(t.4)
+                        .bind(fresh::pick(&world_id, &latest))
+                        .bind(fresh::pick(&player_id, &latest))
+                        .bind(fresh::pick(&story_id, &latest))
+                        .bind(fresh::pick(&next_node_id, &latest))
+                        .bind(fresh::pick(&choice_id, &latest))
+                        .bind(counts)
+                        .bind(fresh::pick(&tick, &latest))
+                        .bind(fresh::pick(&offset, &latest))
+                        .bind(fresh::pick(&occurred_at, &latest))
+                },
             )
-            .bind(fresh::pick(&world_id, &latest))
-            .bind(fresh::pick(&player_id, &latest))
-            .bind(fresh::pick(&story_id, &latest))
-            .bind(fresh::pick(&next_node_id, &latest))
-            .bind(fresh::pick(&choice_id, &latest))
-            .bind(&counts)
-            .bind(fresh::pick(&tick, &latest))
-            .bind(fresh::pick(&offset, &latest))
-            .bind(fresh::pick(&occurred_at, &latest))
-            .execute(&mut *tx)
             .await?;
             Ok(())
         }

@@ -20,11 +20,29 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
-use crate::read_models::copy::{Values, append};
+use crate::read_models::copy::{Then, Values, append_with};
 use crate::read_models::fresh;
 use crate::read_models::names::{to_i32, to_i64, weather_condition};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/weather");
+
+/// Each region's latest change of a batch as its current weather, unless a
+/// later one is stored already.
+const CURRENT_WEATHER: &str = "
+    INSERT INTO current_weather AS c (world_id, region, condition, temperature_dc,
+        wind_dmps, precipitation_dmmph, since_tick, log_offset, event_id, occurred_at)
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::int[],
+                         $6::int[], $7::bigint[], $8::bigint[], $9::uuid[], $10::timestamptz[])
+    ON CONFLICT (world_id, region) DO UPDATE SET
+        condition = EXCLUDED.condition,
+        temperature_dc = EXCLUDED.temperature_dc,
+        wind_dmps = EXCLUDED.wind_dmps,
+        precipitation_dmmph = EXCLUDED.precipitation_dmmph,
+        since_tick = EXCLUDED.since_tick,
+        log_offset = EXCLUDED.log_offset,
+        event_id = EXCLUDED.event_id,
+        occurred_at = EXCLUDED.occurred_at
+     WHERE (c.since_tick, c.log_offset) < (EXCLUDED.since_tick, EXCLUDED.log_offset)";
 
 /// Projects `WeatherChanged` events.
 #[derive(Debug, Default)]
@@ -96,7 +114,8 @@ impl Projector for WeatherProjector {
                 rows.region.push(change.region.clone());
                 rows.tick.push(to_i64(envelope.world_tick));
                 rows.condition.push(weather_condition(change.condition));
-                rows.previous.push(weather_condition(change.previous_condition));
+                rows.previous
+                    .push(weather_condition(change.previous_condition));
                 rows.temperature.push(change.temperature_dc);
                 rows.wind.push(to_i32(change.wind_dmps));
                 rows.precipitation.push(to_i32(change.precipitation_dmmph));
@@ -106,7 +125,10 @@ impl Projector for WeatherProjector {
             if rows.event_id.is_empty() {
                 return Ok(());
             }
-            append(
+            // "Current" moves to each region's latest new change, never
+            // backwards; in the same statement as the changes.
+            let latest = rows.latest_per_region();
+            append_with(
                 tx,
                 "weather_changes",
                 &[
@@ -122,37 +144,24 @@ impl Projector for WeatherProjector {
                     ("occurred_at", Values::Timestamptz(&rows.occurred_at)),
                     ("log_offset", Values::Int8(&rows.log_offset)),
                 ],
+                Then {
+                    sql: CURRENT_WEATHER,
+                    params: 10,
+                },
+                |statement| {
+                    statement
+                        .bind(fresh::pick(&rows.world_id, &latest))
+                        .bind(fresh::pick(&rows.region, &latest))
+                        .bind(fresh::pick(&rows.condition, &latest))
+                        .bind(fresh::pick(&rows.temperature, &latest))
+                        .bind(fresh::pick(&rows.wind, &latest))
+                        .bind(fresh::pick(&rows.precipitation, &latest))
+                        .bind(fresh::pick(&rows.tick, &latest))
+                        .bind(fresh::pick(&rows.log_offset, &latest))
+                        .bind(fresh::pick(&rows.event_id, &latest))
+                        .bind(fresh::pick(&rows.occurred_at, &latest))
+                },
             )
-            .await?;
-            // "Current" moves to each region's latest new change, never backwards.
-            let latest = rows.latest_per_region();
-            sqlx::query(
-                "INSERT INTO current_weather AS c (world_id, region, condition, temperature_dc,
-                     wind_dmps, precipitation_dmmph, since_tick, log_offset, event_id, occurred_at)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::int[],
-                                      $6::int[], $7::bigint[], $8::bigint[], $9::uuid[], $10::timestamptz[])
-                 ON CONFLICT (world_id, region) DO UPDATE SET
-                     condition = EXCLUDED.condition,
-                     temperature_dc = EXCLUDED.temperature_dc,
-                     wind_dmps = EXCLUDED.wind_dmps,
-                     precipitation_dmmph = EXCLUDED.precipitation_dmmph,
-                     since_tick = EXCLUDED.since_tick,
-                     log_offset = EXCLUDED.log_offset,
-                     event_id = EXCLUDED.event_id,
-                     occurred_at = EXCLUDED.occurred_at
-                  WHERE (c.since_tick, c.log_offset) < (EXCLUDED.since_tick, EXCLUDED.log_offset)",
-            )
-            .bind(fresh::pick(&rows.world_id, &latest))
-            .bind(fresh::pick(&rows.region, &latest))
-            .bind(fresh::pick(&rows.condition, &latest))
-            .bind(fresh::pick(&rows.temperature, &latest))
-            .bind(fresh::pick(&rows.wind, &latest))
-            .bind(fresh::pick(&rows.precipitation, &latest))
-            .bind(fresh::pick(&rows.tick, &latest))
-            .bind(fresh::pick(&rows.log_offset, &latest))
-            .bind(fresh::pick(&rows.event_id, &latest))
-            .bind(fresh::pick(&rows.occurred_at, &latest))
-            .execute(&mut *tx)
             .await?;
             Ok(())
         }

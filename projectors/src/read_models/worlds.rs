@@ -14,11 +14,43 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
-use crate::read_models::copy::{Values, append};
+use crate::read_models::copy::{Then, Values, append, append_with};
 use crate::read_models::fresh;
 use crate::read_models::names::to_i64;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/worlds");
+
+/// Each world's totals of a batch added to its row (`$1`-`$15`, one array per
+/// column of [`WorldColumns`]).
+const UPSERT_WORLDS: &str = "
+    INSERT INTO worlds AS w (world_id, latest_tick, world_events, clock_events,
+        weather_events, story_events, inference_events, records_applied,
+        last_event_at, display_name, seed, regions, created_at, status, status_offset)
+    SELECT u.world_id, u.latest_tick, u.c0, u.c1, u.c2, u.c3, u.c4, u.records,
+           u.last_event_at, u.display_name, u.seed,
+           COALESCE(u.regions, '[]'),
+           u.created_at, COALESCE(u.status, 'unknown'), COALESCE(u.status_offset, -1)
+      FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                  $6::bigint[], $7::bigint[], $8::bigint[], $9::timestamptz[],
+                  $10::text[], $11::bigint[], $12::jsonb[], $13::timestamptz[],
+                  $14::text[], $15::bigint[])
+        AS u(world_id, latest_tick, c0, c1, c2, c3, c4, records, last_event_at,
+             display_name, seed, regions, created_at, status, status_offset)
+    ON CONFLICT (world_id) DO UPDATE SET
+        latest_tick = GREATEST(w.latest_tick, EXCLUDED.latest_tick),
+        world_events = w.world_events + EXCLUDED.world_events,
+        clock_events = w.clock_events + EXCLUDED.clock_events,
+        weather_events = w.weather_events + EXCLUDED.weather_events,
+        story_events = w.story_events + EXCLUDED.story_events,
+        inference_events = w.inference_events + EXCLUDED.inference_events,
+        records_applied = w.records_applied + EXCLUDED.records_applied,
+        last_event_at = GREATEST(w.last_event_at, EXCLUDED.last_event_at),
+        display_name = COALESCE(w.display_name, EXCLUDED.display_name),
+        seed = COALESCE(w.seed, EXCLUDED.seed),
+        regions = CASE WHEN w.created_at IS NULL THEN EXCLUDED.regions ELSE w.regions END,
+        created_at = COALESCE(w.created_at, EXCLUDED.created_at),
+        status = CASE WHEN EXCLUDED.status_offset > w.status_offset THEN EXCLUDED.status ELSE w.status END,
+        status_offset = GREATEST(w.status_offset, EXCLUDED.status_offset)";
 
 /// Projects every family into one row per world.
 #[derive(Debug, Default)]
@@ -118,62 +150,45 @@ impl Projector for WorldsProjector {
                 new[*i] = true;
             }
             let seen = fresh::pick(&ids, &fresh);
-            append(tx, "seen_events", &[("event_id", Values::Uuid(&seen))]).await?;
+            let seen_column = [("event_id", Values::Uuid(&seen))];
             let created_before = created_before(tx, events, &new).await?;
             let deltas = fold(events, &new, &created_before);
             if deltas.is_empty() {
+                append(tx, "seen_events", &seen_column).await?;
                 return Ok(());
             }
             let mut columns = WorldColumns::default();
             for (world, delta) in deltas {
                 columns.push(world.to_owned(), delta);
             }
-            sqlx::query(
-                "INSERT INTO worlds AS w (world_id, latest_tick, world_events, clock_events,
-                     weather_events, story_events, inference_events, records_applied,
-                     last_event_at, display_name, seed, regions, created_at, status, status_offset)
-                 SELECT u.world_id, u.latest_tick, u.c0, u.c1, u.c2, u.c3, u.c4, u.records,
-                        u.last_event_at, u.display_name, u.seed,
-                        COALESCE(u.regions, '[]'),
-                        u.created_at, COALESCE(u.status, 'unknown'), COALESCE(u.status_offset, -1)
-                   FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                               $6::bigint[], $7::bigint[], $8::bigint[], $9::timestamptz[],
-                               $10::text[], $11::bigint[], $12::jsonb[], $13::timestamptz[],
-                               $14::text[], $15::bigint[])
-                     AS u(world_id, latest_tick, c0, c1, c2, c3, c4, records, last_event_at,
-                          display_name, seed, regions, created_at, status, status_offset)
-                 ON CONFLICT (world_id) DO UPDATE SET
-                     latest_tick = GREATEST(w.latest_tick, EXCLUDED.latest_tick),
-                     world_events = w.world_events + EXCLUDED.world_events,
-                     clock_events = w.clock_events + EXCLUDED.clock_events,
-                     weather_events = w.weather_events + EXCLUDED.weather_events,
-                     story_events = w.story_events + EXCLUDED.story_events,
-                     inference_events = w.inference_events + EXCLUDED.inference_events,
-                     records_applied = w.records_applied + EXCLUDED.records_applied,
-                     last_event_at = GREATEST(w.last_event_at, EXCLUDED.last_event_at),
-                     display_name = COALESCE(w.display_name, EXCLUDED.display_name),
-                     seed = COALESCE(w.seed, EXCLUDED.seed),
-                     regions = CASE WHEN w.created_at IS NULL THEN EXCLUDED.regions ELSE w.regions END,
-                     created_at = COALESCE(w.created_at, EXCLUDED.created_at),
-                     status = CASE WHEN EXCLUDED.status_offset > w.status_offset THEN EXCLUDED.status ELSE w.status END,
-                     status_offset = GREATEST(w.status_offset, EXCLUDED.status_offset)",
+            // The ids seen and the worlds' rows in one statement.
+            append_with(
+                tx,
+                "seen_events",
+                &seen_column,
+                Then {
+                    sql: UPSERT_WORLDS,
+                    params: 15,
+                },
+                |statement| {
+                    statement
+                        .bind(columns.world_id)
+                        .bind(columns.latest_tick)
+                        .bind(columns.counts[0].clone())
+                        .bind(columns.counts[1].clone())
+                        .bind(columns.counts[2].clone())
+                        .bind(columns.counts[3].clone())
+                        .bind(columns.counts[4].clone())
+                        .bind(columns.records)
+                        .bind(columns.last_event_at)
+                        .bind(columns.display_name)
+                        .bind(columns.seed)
+                        .bind(columns.regions)
+                        .bind(columns.created_at)
+                        .bind(columns.status)
+                        .bind(columns.status_offset)
+                },
             )
-            .bind(columns.world_id)
-            .bind(columns.latest_tick)
-            .bind(columns.counts[0].clone())
-            .bind(columns.counts[1].clone())
-            .bind(columns.counts[2].clone())
-            .bind(columns.counts[3].clone())
-            .bind(columns.counts[4].clone())
-            .bind(columns.records)
-            .bind(columns.last_event_at)
-            .bind(columns.display_name)
-            .bind(columns.seed)
-            .bind(columns.regions)
-            .bind(columns.created_at)
-            .bind(columns.status)
-            .bind(columns.status_offset)
-            .execute(&mut *tx)
             .await?;
             Ok(())
         }
