@@ -113,6 +113,38 @@ impl<'a> Values<'a> {
     }
 }
 
+/// How [`append`] sends a set of rows.
+enum Plan {
+    Nothing,
+    /// Binary `COPY` of `rows` rows taking at least `bytes` in its format.
+    Copy {
+        rows: usize,
+        bytes: usize,
+    },
+    /// One `INSERT … SELECT FROM UNNEST`.
+    Insert,
+}
+
+impl Plan {
+    fn of(columns: &[(&'static str, Values<'_>)]) -> Plan {
+        let rows = columns.first().map_or(0, |(_, values)| values.len());
+        if rows == 0 {
+            return Plan::Nothing;
+        }
+        // Each row also starts with its 2-byte field count.
+        let bytes = rows * 2
+            + columns
+                .iter()
+                .map(|(_, values)| values.copy_bytes_at_least())
+                .sum::<usize>();
+        if bytes >= COPY_MIN_BYTES {
+            Plan::Copy { rows, bytes }
+        } else {
+            Plan::Insert
+        }
+    }
+}
+
 /// Appends rows to `table` (resolved by the connection's search path), given
 /// as `(column, values)` pairs of equal length, and returns how many it wrote.
 /// Table and column names are the read model's own constants.
@@ -121,122 +153,125 @@ pub async fn append(
     table: &'static str,
     columns: &[(&'static str, Values<'_>)],
 ) -> Result<u64, sqlx::Error> {
-    let rows = columns.first().map_or(0, |(_, values)| values.len());
-    if rows == 0 {
-        return Ok(0);
-    }
-    let names = columns
-        .iter()
-        .map(|(name, _)| *name)
-        .collect::<Vec<_>>()
-        .join(", ");
-    // Each row also starts with its 2-byte field count.
-    let copy_bytes = rows * 2
-        + columns
-            .iter()
-            .map(|(_, values)| values.copy_bytes_at_least())
-            .sum::<usize>();
-    if copy_bytes >= COPY_MIN_BYTES {
-        let fields = i16::try_from(columns.len()).unwrap_or(i16::MAX);
-        let mut copy = BinaryRows::with_capacity(rows, copy_bytes / rows);
-        for row in 0..rows {
-            copy.row(fields);
+    match Plan::of(columns) {
+        Plan::Nothing => Ok(0),
+        Plan::Copy { rows, bytes } => copy_rows(tx, table, columns, rows, bytes).await,
+        Plan::Insert => {
+            let sql = unnest_insert(table, columns, 0);
+            let mut insert = sqlx::query(AssertSqlSafe(sql));
             for (_, values) in columns {
-                values.write(&mut copy, row);
+                insert = values.bind_to(insert);
             }
+            Ok(insert.execute(&mut *tx).await?.rows_affected())
         }
-        return copy.copy_into(tx, &format!("{table} ({names})")).await;
     }
-    let mut insert = sqlx::query(AssertSqlSafe(unnest_insert(table, &names, columns, 0)));
-    for (_, values) in columns {
-        insert = values.bind_to(insert);
-    }
-    Ok(insert.execute(&mut *tx).await?.rows_affected())
 }
 
-/// A statement that [`append_with`] sends with the rows, and how to bind its
-/// parameters.
-#[derive(Debug, Clone, Copy)]
-pub struct Then<'s> {
-    /// The statement; it may start with its own `WITH`. Its parameters are
-    /// `$1` to `$params`.
-    pub sql: &'s str,
-    pub params: usize,
-}
-
-/// [`append`] and then `then`, in as few round trips as the rows allow. Rows
-/// that [`append`] would send as one `INSERT` become a data-modifying `WITH`
-/// in front of `then` (which PostgreSQL runs once and in full, whether or not
-/// `then` reads it): one statement, one round trip, where a live batch paid
-/// two. Rows for a `COPY` are copied first and `then` follows on its own.
-/// `then` must not read `table`: a `WITH` and its statement see the same
-/// snapshot, so it would not see the rows appended beside it.
+/// [`append`] and then `then` (a statement whose parameters `bind` binds), in
+/// as few round trips as the rows allow. Rows that [`append`] would send as
+/// one `INSERT` become a data-modifying `WITH` in front of `then` (which
+/// PostgreSQL runs once and in full, whether or not `then` reads it): one
+/// statement, one round trip, where a live batch paid two. Rows for a `COPY`
+/// are copied first and `then` follows on its own.
+///
+/// `then` may start with its own `WITH`; its parameters are `$1` up to the
+/// highest it names, and the rows' come after them. It must not read `table`:
+/// a `WITH` and its statement see the same snapshot, so it would not see the
+/// rows appended beside it.
 pub async fn append_with<'q>(
     tx: &mut PgConnection,
     table: &'static str,
     columns: &[(&'static str, Values<'q>)],
-    then: Then<'_>,
+    then: &'static str,
     bind: impl FnOnce(PgQuery<'q>) -> PgQuery<'q>,
 ) -> Result<(), sqlx::Error> {
-    let rows = columns.first().map_or(0, |(_, values)| values.len());
-    let copy_bytes = rows * 2
-        + columns
-            .iter()
-            .map(|(_, values)| values.copy_bytes_at_least())
-            .sum::<usize>();
-    if rows == 0 || copy_bytes >= COPY_MIN_BYTES {
-        append(tx, table, columns).await?;
-        bind(sqlx::query(AssertSqlSafe(then.sql.to_owned())))
-            .execute(&mut *tx)
-            .await?;
-        return Ok(());
-    }
-    let mut statement = bind(sqlx::query(AssertSqlSafe(appending_before(
-        table, columns, then,
-    ))));
-    for (_, values) in columns {
-        statement = values.bind_to(statement);
-    }
+    let statement = match Plan::of(columns) {
+        Plan::Insert => {
+            let sql = appending_before(table, columns, then);
+            let mut statement = bind(sqlx::query(AssertSqlSafe(sql)));
+            for (_, values) in columns {
+                statement = values.bind_to(statement);
+            }
+            statement
+        }
+        Plan::Copy { rows, bytes } => {
+            copy_rows(tx, table, columns, rows, bytes).await?;
+            bind(sqlx::query(then))
+        }
+        Plan::Nothing => bind(sqlx::query(then)),
+    };
     statement.execute(&mut *tx).await?;
     Ok(())
 }
 
+/// The rows in binary `COPY` format, copied into `table`.
+async fn copy_rows(
+    tx: &mut PgConnection,
+    table: &'static str,
+    columns: &[(&'static str, Values<'_>)],
+    rows: usize,
+    bytes: usize,
+) -> Result<u64, sqlx::Error> {
+    let fields = i16::try_from(columns.len()).unwrap_or(i16::MAX);
+    let mut copy = BinaryRows::with_capacity(rows, bytes / rows);
+    for row in 0..rows {
+        copy.row(fields);
+        for (_, values) in columns {
+            values.write(&mut copy, row);
+        }
+    }
+    copy.copy_into(tx, &format!("{table} ({})", column_names(columns)))
+        .await
+}
+
 /// `then` behind a data-modifying `WITH` that appends `columns` to `table`,
 /// their parameters numbered after `then`'s.
-fn appending_before(table: &str, columns: &[(&'static str, Values<'_>)], then: Then<'_>) -> String {
-    let names = columns
-        .iter()
-        .map(|(name, _)| *name)
-        .collect::<Vec<_>>()
-        .join(", ");
+fn appending_before(table: &str, columns: &[(&'static str, Values<'_>)], then: &str) -> String {
     let appended = format!(
         "appended_{table} AS ({})",
-        unnest_insert(table, &names, columns, then.params)
+        unnest_insert(table, columns, highest_parameter(then))
     );
-    match then.sql.trim_start().strip_prefix("WITH ") {
+    match then.trim_start().strip_prefix("WITH ") {
         Some(rest) => format!("WITH {appended}, {rest}"),
-        None => format!("WITH {appended} {}", then.sql),
+        None => format!("WITH {appended} {then}"),
     }
+}
+
+/// The highest `$n` that `sql` names (0 for none). The statements are the
+/// read models' own constants, with no `$` in a string or a quoted name.
+fn highest_parameter(sql: &str) -> usize {
+    sql.split('$')
+        .skip(1)
+        .filter_map(|after| {
+            let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+            after[..digits].parse::<usize>().ok()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// A query whose parameters are bound by value or by reference for `'q`.
 pub type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-/// `INSERT INTO table (names) SELECT * FROM UNNEST(…)` with one array
+/// `INSERT INTO table (columns) SELECT * FROM UNNEST(…)` with one array
 /// parameter per column, numbered after the first `skip`.
-fn unnest_insert(
-    table: &str,
-    names: &str,
-    columns: &[(&'static str, Values<'_>)],
-    skip: usize,
-) -> String {
+fn unnest_insert(table: &str, columns: &[(&'static str, Values<'_>)], skip: usize) -> String {
     let arrays = columns
         .iter()
         .enumerate()
         .map(|(i, (_, values))| format!("${}::{}", skip + i + 1, values.array_type()))
         .collect::<Vec<_>>()
         .join(", ");
+    let names = column_names(columns);
     format!("INSERT INTO {table} ({names}) SELECT * FROM UNNEST({arrays})")
+}
+
+fn column_names(columns: &[(&'static str, Values<'_>)]) -> String {
+    columns
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
@@ -365,25 +400,29 @@ mod tests {
             ("event_id", Values::Uuid(&ids)),
             ("tick", Values::Int8(&ticks)),
         ];
-        let plain = Then {
-            sql: "INSERT INTO totals SELECT * FROM UNNEST($1::text[], $2::bigint[])",
-            params: 2,
-        };
+        let plain = "INSERT INTO totals SELECT * FROM UNNEST($1::text[], $2::bigint[])";
         assert_eq!(
             appending_before("log", &columns, plain),
             "WITH appended_log AS (INSERT INTO log (event_id, tick) \
              SELECT * FROM UNNEST($3::uuid[], $4::bigint[])) \
              INSERT INTO totals SELECT * FROM UNNEST($1::text[], $2::bigint[])"
         );
-        let with_its_own = Then {
-            sql: "\n  WITH b AS (SELECT * FROM UNNEST($1::text[])) INSERT INTO totals SELECT * FROM b",
-            params: 1,
-        };
+        let with_its_own =
+            "\n  WITH b AS (SELECT * FROM UNNEST($1::text[])) INSERT INTO totals SELECT * FROM b";
         assert_eq!(
             appending_before("log", &columns, with_its_own),
             "WITH appended_log AS (INSERT INTO log (event_id, tick) \
              SELECT * FROM UNNEST($2::uuid[], $3::bigint[])), \
              b AS (SELECT * FROM UNNEST($1::text[])) INSERT INTO totals SELECT * FROM b"
+        );
+    }
+
+    #[test]
+    fn given_a_statement_then_its_highest_parameter_numbers_the_rows_after_it() {
+        assert_eq!(highest_parameter("SELECT 1"), 0);
+        assert_eq!(
+            highest_parameter("SELECT $2::int, $12::text[], $1, $10::bigint"),
+            12
         );
     }
 

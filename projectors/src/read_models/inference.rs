@@ -15,7 +15,7 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
-use crate::read_models::copy::{Then, Values, append_with};
+use crate::read_models::copy::{Values, append_with};
 use crate::read_models::fresh;
 use crate::read_models::names::{inference_outcome, inference_purpose, to_i32, to_i64};
 
@@ -120,10 +120,7 @@ impl Projector for InferenceProjector {
                 tx,
                 "inferences",
                 &log.columns(),
-                Then {
-                    sql: ADD_TO_STATS,
-                    params: 12,
-                },
+                ADD_TO_STATS,
                 |statement| {
                     statement
                         .bind(columns.world_id)

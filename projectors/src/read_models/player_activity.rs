@@ -12,7 +12,7 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
-use crate::read_models::copy::{Then, Values, append_with};
+use crate::read_models::copy::{Values, append_with};
 use crate::read_models::fresh;
 use crate::read_models::names::to_i64;
 
@@ -96,10 +96,7 @@ impl Projector for PlayerActivityProjector {
                 tx,
                 "counted_choices",
                 &[("event_id", Values::Uuid(&ids))],
-                Then {
-                    sql: ADD_TO_ACTIVITY,
-                    params: 5,
-                },
+                ADD_TO_ACTIVITY,
                 |statement| {
                     statement
                         .bind(worlds)

@@ -15,7 +15,7 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
-use crate::read_models::copy::{Then, Values, append_with};
+use crate::read_models::copy::{Values, append_with};
 use crate::read_models::fresh;
 use crate::read_models::names::to_i64;
 
@@ -148,10 +148,7 @@ impl Projector for StoryProjector {
                     ("log_partition", Values::Int4(&partition)),
                     ("log_offset", Values::Int8(&offset)),
                 ],
-                Then {
-                    sql: TALLIES_AND_PROGRESS,
-                    params: 14,
-                },
+                TALLIES_AND_PROGRESS,
                 |statement| {
                     statement
                         .bind(t.0)

@@ -20,7 +20,7 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
-use crate::read_models::copy::{Then, Values, append_with};
+use crate::read_models::copy::{Values, append_with};
 use crate::read_models::fresh;
 use crate::read_models::names::{to_i32, to_i64, weather_condition};
 
@@ -144,10 +144,7 @@ impl Projector for WeatherProjector {
                     ("occurred_at", Values::Timestamptz(&rows.occurred_at)),
                     ("log_offset", Values::Int8(&rows.log_offset)),
                 ],
-                Then {
-                    sql: CURRENT_WEATHER,
-                    params: 10,
-                },
+                CURRENT_WEATHER,
                 |statement| {
                     statement
                         .bind(fresh::pick(&rows.world_id, &latest))

@@ -14,7 +14,7 @@ use worldline_schemas::envelope::EnvelopeExt;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
-use crate::read_models::copy::{Then, Values, append, append_with};
+use crate::read_models::copy::{Values, append_with};
 use crate::read_models::fresh;
 use crate::read_models::names::to_i64;
 
@@ -150,13 +150,8 @@ impl Projector for WorldsProjector {
                 new[*i] = true;
             }
             let seen = fresh::pick(&ids, &fresh);
-            let seen_column = [("event_id", Values::Uuid(&seen))];
             let created_before = created_before(tx, events, &new).await?;
             let deltas = fold(events, &new, &created_before);
-            if deltas.is_empty() {
-                append(tx, "seen_events", &seen_column).await?;
-                return Ok(());
-            }
             let mut columns = WorldColumns::default();
             for (world, delta) in deltas {
                 columns.push(world.to_owned(), delta);
@@ -165,11 +160,8 @@ impl Projector for WorldsProjector {
             append_with(
                 tx,
                 "seen_events",
-                &seen_column,
-                Then {
-                    sql: UPSERT_WORLDS,
-                    params: 15,
-                },
+                &[("event_id", Values::Uuid(&seen))],
+                UPSERT_WORLDS,
                 |statement| {
                     statement
                         .bind(columns.world_id)
