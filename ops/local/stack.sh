@@ -8,6 +8,7 @@
 #   ops/local/stack.sh status                  running/stopped, pid, port, answers? (exit 3 if not all up)
 #   ops/local/stack.sh env                     print <state>/env
 #   ops/local/stack.sh logs [kafka|postgres] [-f] [-n LINES]
+#   ops/local/stack.sh clean                   drop what interrupted tests and benchmarks left behind
 #
 # Settings (environment):
 #   WORLDLINE_STATE                   state dir            (default: <repo>/.worldline)
@@ -1101,6 +1102,66 @@ cmd_logs() {
     exec tail "${tail_args[@]}" "${files[@]}"
 }
 
+# Tests and benchmarks (tests/src/lib.rs, TestEnv) make a database
+# wl_test_<id> first and topics t<id>.* after it, and drop both at the end of
+# a passing run; a failed or interrupted run leaves them (gigabytes, after a
+# benchmark). They slow the broker and PostgreSQL for every later run, so
+# benchmark figures taken beside them are not comparable. A database that
+# has a session is a run still going: it and its topics are kept.
+cmd_clean() {
+    (($# == 0)) || die "usage: stack.sh clean"
+    [[ -f $ENV_FILE ]] || die "$ENV_FILE does not exist yet; run 'ops/local/stack.sh up'"
+    find_psql || die "psql not found"
+    find_java || die "no Java 17+ runtime found"
+    local admin bootstrap
+    admin=$(sed -n "s/^export WORLDLINE_TEST_ADMIN_DATABASE_URL=//p" "$ENV_FILE" | tr -d "'")
+    bootstrap=$(sed -n "s/^export WORLDLINE__KAFKA__BOOTSTRAP_SERVERS=//p" "$ENV_FILE" | tr -d "'")
+    [[ -n $admin && -n $bootstrap ]] || die "$ENV_FILE names no admin database or Kafka; run 'ops/local/stack.sh up'"
+    local -a idle busy
+    mapfile -t idle < <("$PSQL" -X -q -A -t -d "$admin" -c "
+        SELECT datname FROM pg_database d
+         WHERE datname ~ '^wl_test_[0-9a-f]{12}$'
+           AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)
+         ORDER BY 1") || die "PostgreSQL did not answer (is the stack up?)"
+    mapfile -t busy < <("$PSQL" -X -q -A -t -d "$admin" -c "
+        SELECT datname FROM pg_database d
+         WHERE datname ~ '^wl_test_[0-9a-f]{12}$'
+           AND EXISTS (SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)
+         ORDER BY 1")
+    local db dropped=0
+    for db in "${idle[@]}"; do
+        # No FORCE: a run that connected since the listing keeps its database.
+        if "$PSQL" -X -q -d "$admin" -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1; then
+            dropped=$((dropped + 1))
+        else
+            busy+=("$db")
+        fi
+    done
+    local -a topics leftover=()
+    mapfile -t topics < <("$JAVA" -cp "$LIBS/*" org.apache.kafka.tools.TopicCommand \
+        --bootstrap-server "$bootstrap" --list 2>>"$LOGS/clean.log") ||
+        die "listing the topics failed (is the stack up? see $LOGS/clean.log)"
+    local topic id keep
+    for topic in "${topics[@]}"; do
+        [[ $topic =~ ^t([0-9a-f]{12})\. ]] || continue
+        id=${BASH_REMATCH[1]}
+        keep=0
+        for db in "${busy[@]}"; do
+            [[ $db == "wl_test_$id" ]] && keep=1
+        done
+        ((keep)) || leftover+=("$topic")
+    done
+    local i
+    for ((i = 0; i < ${#leftover[@]}; i += 200)); do
+        local pattern
+        pattern=$(printf '%s|' "${leftover[@]:i:200}" | sed 's/\./\\./g; s/|$//')
+        "$JAVA" -cp "$LIBS/*" org.apache.kafka.tools.TopicCommand \
+            --bootstrap-server "$bootstrap" --delete --topic "^($pattern)\$" \
+            >>"$LOGS/clean.log" 2>&1 || die "deleting topics failed (see $LOGS/clean.log)"
+    done
+    say "clean: dropped $dropped test database(s) and ${#leftover[@]} test topic(s); kept ${#busy[@]} database(s) in use${busy:+ (${busy[*]})}"
+}
+
 usage() {
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
 }
@@ -1114,6 +1175,7 @@ main() {
     status) cmd_status "$@" ;;
     env) cmd_env "$@" ;;
     logs) cmd_logs "$@" ;;
+    clean) cmd_clean "$@" ;;
     -h | --help | help) usage ;;
     *)
         usage >&2

@@ -117,6 +117,16 @@ impl TestEnv {
         }
     }
 
+    /// This test's database.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// A connection URL of the server's maintenance database, as the test's role.
+    pub fn admin_url(&self) -> &str {
+        &self.admin_url
+    }
+
     /// The topic of `family` for this test.
     pub fn topic(&self, family: Family) -> String {
         family.topic(&self.settings.topics.prefix)
