@@ -8,7 +8,7 @@
 #   ops/local/stack.sh status                  running/stopped, pid, port, answers? (exit 3 if not all up)
 #   ops/local/stack.sh env                     print <state>/env
 #   ops/local/stack.sh logs [kafka|postgres] [-f] [-n LINES]
-#   ops/local/stack.sh clean                   drop what interrupted tests and benchmarks left behind
+#   ops/local/stack.sh clean [ID...]           drop what interrupted tests and benchmarks left behind
 #
 # Settings (environment):
 #   WORLDLINE_STATE                   state dir            (default: <repo>/.worldline)
@@ -1109,7 +1109,13 @@ cmd_logs() {
 # benchmark figures taken beside them are not comparable. A database that
 # has a session is a run still going: it and its topics are kept.
 cmd_clean() {
-    (($# == 0)) || die "usage: stack.sh clean"
+    # Ids given: only those runs' leftovers (a test of this command must not
+    # drop what other failed tests left for inspection).
+    local only='[0-9a-f]{12}' arg
+    for arg in "$@"; do
+        [[ $arg =~ ^[0-9a-f]{12}$ ]] || die "usage: stack.sh clean [ID...] (ID: the 12 hex digits of wl_test_ID)"
+    done
+    (($#)) && only="($(IFS='|'; printf '%s' "$*"))"
     [[ -f $ENV_FILE ]] || die "$ENV_FILE does not exist yet; run 'ops/local/stack.sh up'"
     find_psql || die "psql not found"
     find_java || die "no Java 17+ runtime found"
@@ -1120,12 +1126,12 @@ cmd_clean() {
     local -a idle busy
     mapfile -t idle < <("$PSQL" -X -q -A -t -d "$admin" -c "
         SELECT datname FROM pg_database d
-         WHERE datname ~ '^wl_test_[0-9a-f]{12}$'
+         WHERE datname ~ '^wl_test_$only\$'
            AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)
          ORDER BY 1") || die "PostgreSQL did not answer (is the stack up?)"
     mapfile -t busy < <("$PSQL" -X -q -A -t -d "$admin" -c "
         SELECT datname FROM pg_database d
-         WHERE datname ~ '^wl_test_[0-9a-f]{12}$'
+         WHERE datname ~ '^wl_test_$only\$'
            AND EXISTS (SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)
          ORDER BY 1")
     local db dropped=0
@@ -1145,6 +1151,7 @@ cmd_clean() {
     for topic in "${topics[@]}"; do
         [[ $topic =~ ^t([0-9a-f]{12})\. ]] || continue
         id=${BASH_REMATCH[1]}
+        [[ $id =~ ^$only$ ]] || continue
         keep=0
         for db in "${busy[@]}"; do
             [[ $db == "wl_test_$id" ]] && keep=1

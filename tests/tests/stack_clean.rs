@@ -57,9 +57,15 @@ async fn clean_drops_the_leftovers_of_interrupted_runs_and_keeps_runs_in_progres
 
     // When the stack is cleaned...
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../ops/local/stack.sh");
+    // Named runs only: other tests' leftovers stay for inspection.
+    let ids: Vec<String> = [interrupted_db.as_str(), running.database()]
+        .iter()
+        .map(|db| db.trim_start_matches("wl_test_").to_owned())
+        .collect();
     let output = Command::new("bash")
         .arg(script)
         .arg("clean")
+        .args(&ids)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -96,7 +102,10 @@ async fn clean_drops_the_leftovers_of_interrupted_runs_and_keeps_runs_in_progres
         .execute(&running.pool)
         .await
         .unwrap();
-    assert!(stdout.contains("clean: dropped"), "{stdout}");
+    assert!(
+        stdout.contains("clean: dropped 1 test database(s)"),
+        "{stdout}"
+    );
     admin.close().await;
     running.cleanup().await;
 }
