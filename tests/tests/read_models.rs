@@ -407,8 +407,12 @@ async fn given_weather_history_when_later_batches_bring_changes_before_a_regions
         weather(10, "north", Rain),
         weather(3, "coast", Cloudy),
     ];
-    // Third batch: a producer retry of the tick-15 change.
+    // Third batch: producer retries of the tick-15 change, and of each
+    // region's latest change (its tick is the region's latest stored tick:
+    // the boundary of the ticks a stored change can have).
     log.push(log[4].clone());
+    log.push(log[3].clone());
+    log.push(log[2].clone());
     let events: Vec<Event> = log
         .into_iter()
         .enumerate()
@@ -426,9 +430,14 @@ async fn given_weather_history_when_later_batches_bring_changes_before_a_regions
         &WeatherProjector,
         "weather_batches",
         &events,
-        &[4, 4, 1],
+        &[4, 4, 3],
     )
     .await;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM weather_batches.weather_changes")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 8, "each change once, whatever was delivered again");
 
     let north = weather_periods(&env, &batches, "north").await;
     let coast = weather_periods(&env, &batches, "coast").await;
@@ -469,9 +478,9 @@ async fn given_weather_history_when_later_batches_bring_changes_before_a_regions
     );
 
     // However the log is cut into batches, the tables hold the same rows.
-    let whole = apply_in_batches(&env, &WeatherProjector, "weather_whole", &events, &[9]).await;
+    let whole = apply_in_batches(&env, &WeatherProjector, "weather_whole", &events, &[11]).await;
     let one_by_one =
-        apply_in_batches(&env, &WeatherProjector, "weather_single", &events, &[1; 9]).await;
+        apply_in_batches(&env, &WeatherProjector, "weather_single", &events, &[1; 11]).await;
     assert_same_tables(&env, &batches, &[whole, one_by_one]).await;
     env.cleanup().await;
 }

@@ -51,20 +51,35 @@ pub async fn unseen(
     table: &'static str,
     ids: &[Uuid],
 ) -> Result<Vec<usize>, sqlx::Error> {
+    unseen_by(tx, table, ids, |tx| {
+        sqlx::query_scalar::<_, Uuid>(AssertSqlSafe(format!(
+            "SELECT event_id FROM {table} WHERE event_id = ANY($1)"
+        )))
+        .bind(ids)
+        .fetch_all(tx)
+    })
+    .await
+}
+
+/// [`unseen`] for an event log whose key leads with other columns: `stored`
+/// looks up which of `ids` the table holds, by that key. It is not called
+/// while a bulk rebuild answers from memory.
+pub async fn unseen_by<'c, F>(
+    tx: &'c mut PgConnection,
+    table: &'static str,
+    ids: &[Uuid],
+    stored: impl FnOnce(&'c mut PgConnection) -> F,
+) -> Result<Vec<usize>, sqlx::Error>
+where
+    F: std::future::Future<Output = Result<Vec<Uuid>, sqlx::Error>>,
+{
     if ids.is_empty() {
         return Ok(Vec::new());
     }
     if let Ok(Some(keep)) = KEY_SETS.try_with(|sets| lock(sets).take_unseen(table, ids)) {
         return Ok(keep);
     }
-    let stored: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(AssertSqlSafe(format!(
-        "SELECT event_id FROM {table} WHERE event_id = ANY($1)"
-    )))
-    .bind(ids)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
+    let stored: HashSet<Uuid> = stored(tx).await?.into_iter().collect();
     let mut taken = HashSet::with_capacity(ids.len());
     Ok(ids
         .iter()

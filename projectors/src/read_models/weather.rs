@@ -17,6 +17,7 @@ use sqlx::PgConnection;
 use sqlx::migrate::Migrator;
 use worldline_schemas::Family;
 use worldline_schemas::envelope::EnvelopeExt;
+use worldline_schemas::pb::WeatherChanged;
 use worldline_schemas::pb::envelope::Body;
 
 use crate::projector::{ApplyError, Event, Projector};
@@ -45,6 +46,78 @@ const CURRENT_WEATHER: &str = "
      WHERE (c.since_tick, c.log_offset) < (EXCLUDED.since_tick, EXCLUDED.log_offset)";
 
 /// Projects `WeatherChanged` events.
+/// The latest tick `weather_changes` holds for each region of these worlds:
+/// `current_weather` moves in the same transaction as every append, to the
+/// region's highest (tick, log offset), so no stored change is later.
+const LATEST_TICKS: &str = "
+    SELECT world_id, region, since_tick FROM current_weather WHERE world_id = ANY($1)";
+
+/// Which of the given changes `weather_changes` holds: per change, one
+/// descent of its key to the region's rows at that tick (a redelivery has the
+/// same region and tick), then the event id among them. An event id names one
+/// change, so the world and region need no second look.
+const STORED_CHANGES: &str = "
+    SELECT u.event_id
+      FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::uuid[])
+        AS u(world_id, region, tick, event_id)
+     WHERE EXISTS (
+           SELECT FROM weather_changes h
+            WHERE h.region_key = weather_region_key(u.world_id, u.region)
+              AND h.valid_from_tick = u.tick
+              AND h.event_id = u.event_id)";
+
+/// Which of a batch's changes `weather_changes` holds already. Only a change
+/// at or before its region's latest stored tick can be there (a redelivery
+/// carries the tick it was stored with), so only those are looked up: while
+/// a world's weather moves forward, as it does when catching up and live,
+/// that is none, and the batch costs one read of its worlds' current rows
+/// instead of a descent of the key per change.
+async fn stored_changes(
+    tx: &mut PgConnection,
+    changes: &[(&Event, &WeatherChanged)],
+    ids: &[uuid::Uuid],
+) -> Result<Vec<uuid::Uuid>, sqlx::Error> {
+    let mut worlds: Vec<&str> = changes
+        .iter()
+        .map(|(event, _)| event.envelope.world_id.as_str())
+        .collect();
+    worlds.sort_unstable();
+    worlds.dedup();
+    let mut latest: HashMap<String, HashMap<String, i64>> = HashMap::new();
+    for (world, region, tick) in sqlx::query_as::<_, (String, String, i64)>(LATEST_TICKS)
+        .bind(&worlds)
+        .fetch_all(&mut *tx)
+        .await?
+    {
+        latest.entry(world).or_default().insert(region, tick);
+    }
+    let (mut world_ids, mut regions, mut ticks, mut candidates) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((event, change), id) in changes.iter().zip(ids) {
+        let world = event.envelope.world_id.as_str();
+        let tick = to_i64(event.envelope.world_tick);
+        let stored_up_to = latest
+            .get(world)
+            .and_then(|regions| regions.get(&change.region));
+        if stored_up_to.is_some_and(|latest| tick <= *latest) {
+            world_ids.push(world);
+            regions.push(change.region.as_str());
+            ticks.push(tick);
+            candidates.push(*id);
+        }
+    }
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(STORED_CHANGES)
+        .bind(world_ids)
+        .bind(regions)
+        .bind(ticks)
+        .bind(candidates)
+        .fetch_all(tx)
+        .await
+}
+
 #[derive(Debug, Default)]
 pub struct WeatherProjector;
 
@@ -106,7 +179,11 @@ impl Projector for WeatherProjector {
             });
             // A redelivered event (its id already stored) must not move anything.
             let mut rows = Rows::default();
-            for i in fresh::unseen(tx, "weather_changes", &ids).await? {
+            for i in fresh::unseen_by(tx, "weather_changes", &ids, |tx| {
+                stored_changes(tx, &changes, &ids)
+            })
+            .await?
+            {
                 let (event, change) = changes[i];
                 let envelope = &event.envelope;
                 rows.event_id.push(envelope.event_uuid());

@@ -292,7 +292,7 @@ struct RegionRow {
     weather: RegionWeatherState,
 }
 
-/// One probe of `weather_changes_as_of` per region the world ever had weather in.
+/// One probe of the `weather_changes` key per region the world ever had weather in.
 async fn weather_as_of(
     tx: &mut Transaction<'_, Postgres>,
     world: &str,
@@ -304,7 +304,8 @@ async fn weather_as_of(
            FROM weather.current_weather c
           CROSS JOIN LATERAL (
                 SELECT * FROM weather.weather_changes h
-                 WHERE h.world_id = c.world_id AND h.region = c.region
+                 WHERE h.region_key = weather.weather_region_key(c.world_id, c.region)
+                   AND h.world_id = c.world_id AND h.region = c.region
                    AND h.valid_from_tick <= $2
                  ORDER BY h.valid_from_tick DESC, h.log_offset DESC
                  LIMIT 1) h

@@ -7,9 +7,10 @@
 //! History is stored as changes (`weather.weather_changes`), not periods: a
 //! period lasts from its change's tick until the region's next change in
 //! (tick, log position) order. Both the change in force at a tick and the
-//! change after a given one are one descent of the `weather_changes_as_of`
-//! index, so each region or period costs one or two probes however long the
-//! region's history is. (The `weather.weather_history` view derives the same
+//! change after a given one are one descent of the table's key (a hash of the
+//! world and region, then the tick: `weather.weather_region_key`), so each
+//! region or period costs one or two probes however long the region's history
+//! is. (The `weather.weather_history` view derives the same
 //! periods with a window over a region's whole history: fine for a person at a
 //! SQL prompt, not per request.)
 
@@ -177,12 +178,13 @@ async fn current_rows(
 }
 
 /// Joins to each change `h` the region's next change `n`, whose tick ends
-/// `h`'s period (none for the period still running): one probe of
-/// `weather_changes_as_of`, walked backwards.
+/// `h`'s period (none for the period still running): one probe of the key.
 const NEXT_CHANGE: &str = "
            LEFT JOIN LATERAL (
                 SELECT n.valid_from_tick FROM weather.weather_changes n
-                 WHERE n.world_id = h.world_id AND n.region = h.region
+                 WHERE n.region_key = h.region_key
+                   AND n.world_id = h.world_id AND n.region = h.region
+                   AND n.valid_from_tick >= h.valid_from_tick
                    AND (n.valid_from_tick, n.log_offset) > (h.valid_from_tick, h.log_offset)
                  ORDER BY n.valid_from_tick, n.log_offset
                  LIMIT 1) n ON true
@@ -205,7 +207,8 @@ async fn as_of_rows(
            FROM weather.current_weather c
           CROSS JOIN LATERAL (
                 SELECT * FROM weather.weather_changes h
-                 WHERE h.world_id = c.world_id AND h.region = c.region
+                 WHERE h.region_key = weather.weather_region_key(c.world_id, c.region)
+                   AND h.world_id = c.world_id AND h.region = c.region
                    AND h.valid_from_tick <= ",
     );
     sql.push_bind(tick)
@@ -305,9 +308,13 @@ async fn region_history(
         "WITH scan_start AS (
               SELECT * FROM (
                      (SELECT a.valid_from_tick, a.log_offset FROM weather.weather_changes a
-                       WHERE a.world_id = ",
+                       WHERE a.region_key = weather.weather_region_key(",
     );
     sql.push_bind(world.as_str())
+        .push(", ")
+        .push_bind(&region)
+        .push(") AND a.world_id = ")
+        .push_bind(world.as_str())
         .push(" AND a.region = ")
         .push_bind(&region)
         .push(" AND a.valid_from_tick <= ")
@@ -331,7 +338,11 @@ async fn region_history(
            FROM weather.weather_changes h",
         )
         .push(NEXT_CHANGE)
-        .push(" WHERE h.world_id = ")
+        .push(" WHERE h.region_key = weather.weather_region_key(")
+        .push_bind(world.as_str())
+        .push(", ")
+        .push_bind(&region)
+        .push(") AND h.world_id = ")
         .push_bind(world.as_str())
         .push(" AND h.region = ")
         .push_bind(&region)

@@ -1022,7 +1022,7 @@ async fn copy_rate(
 }
 
 /// Binary COPY into a copy of the read-model table with its keys and indexes,
-/// and into an index-free heap of the same columns.
+/// and into an index-free heap of the same columns (generated ones computed).
 async fn copy_both_ways(
     pool: &PgPool,
     schema: &SchemaName,
@@ -1036,7 +1036,7 @@ async fn copy_both_ways(
         .execute(pool)
         .await?;
     sqlx::query(AssertSqlSafe(format!(
-        "CREATE TABLE {heap} (LIKE {indexed})"
+        "CREATE TABLE {heap} (LIKE {indexed} INCLUDING GENERATED)"
     )))
     .execute(pool)
     .await?;
