@@ -1123,18 +1123,17 @@ cmd_clean() {
     admin=$(sed -n "s/^export WORLDLINE_TEST_ADMIN_DATABASE_URL=//p" "$ENV_FILE" | tr -d "'")
     bootstrap=$(sed -n "s/^export WORLDLINE__KAFKA__BOOTSTRAP_SERVERS=//p" "$ENV_FILE" | tr -d "'")
     [[ -n $admin && -n $bootstrap ]] || die "$ENV_FILE names no admin database or Kafka; run 'ops/local/stack.sh up'"
-    local -a idle busy
-    mapfile -t idle < <("$PSQL" -X -q -A -t -d "$admin" -c "
-        SELECT datname FROM pg_database d
-         WHERE datname ~ '^wl_test_$only\$'
-           AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)
-         ORDER BY 1") || die "PostgreSQL did not answer (is the stack up?)"
-    mapfile -t busy < <("$PSQL" -X -q -A -t -d "$admin" -c "
-        SELECT datname FROM pg_database d
-         WHERE datname ~ '^wl_test_$only\$'
-           AND EXISTS (SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)
-         ORDER BY 1")
-    local db dropped=0
+    # Each test database and whether a session uses it ("t" or "f").
+    local out db used dropped=0
+    local -a idle=() busy=()
+    out=$("$PSQL" -X -q -A -t -F ' ' -d "$admin" -c "
+        SELECT datname, EXISTS (SELECT FROM pg_stat_activity a WHERE a.datname = d.datname)
+          FROM pg_database d WHERE datname ~ '^wl_test_$only\$' ORDER BY 1") ||
+        die "PostgreSQL did not answer (is the stack up?)"
+    while read -r db used; do
+        [[ -n $db ]] || continue
+        if [[ $used == t ]]; then busy+=("$db"); else idle+=("$db"); fi
+    done <<<"$out"
     for db in "${idle[@]}"; do
         # No FORCE: a run that connected since the listing keeps its database.
         if "$PSQL" -X -q -d "$admin" -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1; then
@@ -1143,12 +1142,12 @@ cmd_clean() {
             busy+=("$db")
         fi
     done
-    local -a topics leftover=()
-    mapfile -t topics < <("$JAVA" -cp "$LIBS/*" org.apache.kafka.tools.TopicCommand \
+    local -a leftover=()
+    out=$("$JAVA" -cp "$LIBS/*" org.apache.kafka.tools.TopicCommand \
         --bootstrap-server "$bootstrap" --list 2>>"$LOGS/clean.log") ||
         die "listing the topics failed (is the stack up? see $LOGS/clean.log)"
     local topic id keep
-    for topic in "${topics[@]}"; do
+    while read -r topic; do
         [[ $topic =~ ^t([0-9a-f]{12})\. ]] || continue
         id=${BASH_REMATCH[1]}
         [[ $id =~ ^$only$ ]] || continue
@@ -1157,7 +1156,7 @@ cmd_clean() {
             [[ $db == "wl_test_$id" ]] && keep=1
         done
         ((keep)) || leftover+=("$topic")
-    done
+    done <<<"$out"
     local i
     for ((i = 0; i < ${#leftover[@]}; i += 200)); do
         local pattern

@@ -48,6 +48,13 @@ fn stack_env() -> HashMap<String, String> {
         .collect()
 }
 
+/// The run id in the name of a topic a [`TestEnv`] made (`t<id>.…`, beside
+/// its database `wl_test_<id>`), or `None` for any other topic.
+pub fn test_run_of_topic(topic: &str) -> Option<&str> {
+    let id = topic.strip_prefix('t')?.split_once('.')?.0;
+    (id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+}
+
 /// One test's private slice of the real stack.
 #[derive(Debug)]
 pub struct TestEnv {
@@ -562,6 +569,17 @@ fn replace_database(url: &str, database: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_topics_are_known_by_their_run_id() {
+        assert_eq!(
+            test_run_of_topic("t0123456789ab.worldline.clock.v1"),
+            Some("0123456789ab")
+        );
+        assert_eq!(test_run_of_topic("worldline.clock.v1"), None);
+        assert_eq!(test_run_of_topic("tshort.worldline.clock.v1"), None);
+        assert_eq!(test_run_of_topic("t0123456789xy.worldline.clock.v1"), None);
+    }
 
     #[test]
     fn database_names_are_swapped_in_urls() {

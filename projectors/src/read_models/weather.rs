@@ -45,7 +45,6 @@ const CURRENT_WEATHER: &str = "
         occurred_at = EXCLUDED.occurred_at
      WHERE (c.since_tick, c.log_offset) < (EXCLUDED.since_tick, EXCLUDED.log_offset)";
 
-/// Projects `WeatherChanged` events.
 /// The latest tick `weather_changes` holds for each region of these worlds:
 /// `current_weather` moves in the same transaction as every append, to the
 /// region's highest (tick, log offset), so no stored change is later.
@@ -118,6 +117,7 @@ async fn stored_changes(
         .await
 }
 
+/// Projects `WeatherChanged` events.
 #[derive(Debug, Default)]
 pub struct WeatherProjector;
 

@@ -156,6 +156,7 @@ impl Projector for WorldsProjector {
             for (world, delta) in deltas {
                 columns.push(world.to_owned(), delta);
             }
+            let [c0, c1, c2, c3, c4] = columns.counts;
             // The ids seen and the worlds' rows in one statement.
             append_with(
                 tx,
@@ -166,11 +167,11 @@ impl Projector for WorldsProjector {
                     statement
                         .bind(columns.world_id)
                         .bind(columns.latest_tick)
-                        .bind(columns.counts[0].clone())
-                        .bind(columns.counts[1].clone())
-                        .bind(columns.counts[2].clone())
-                        .bind(columns.counts[3].clone())
-                        .bind(columns.counts[4].clone())
+                        .bind(c0)
+                        .bind(c1)
+                        .bind(c2)
+                        .bind(c3)
+                        .bind(c4)
                         .bind(columns.records)
                         .bind(columns.last_event_at)
                         .bind(columns.display_name)

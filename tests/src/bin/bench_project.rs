@@ -43,9 +43,9 @@ use worldline_schemas::pb::{
     StoryChoiceMade, WeatherChanged, WeatherCondition,
 };
 use worldline_schemas::{Family, WorldId};
-use worldline_tests::TestEnv;
 use worldline_tests::bench::timed_copy;
 use worldline_tests::workload::Workload;
+use worldline_tests::{TestEnv, test_run_of_topic};
 
 /// Partitions per event topic, as in production defaults and the reliability
 /// tests, unless `BENCH_PARTITIONS` says otherwise (to see what the partition
@@ -1743,15 +1743,12 @@ struct Backlogs {
 /// and hundreds of old partitions measured weather 0.48x the appender, against
 /// 0.82x on a clean stack.
 async fn leftovers(stacks: &Stacks) -> String {
-    let own: Vec<&str> = [&stacks.per_family, &stacks.mixed]
-        .iter()
-        .filter_map(|env| env.settings.database.url.rsplit('/').next())
-        .collect();
+    let own = [stacks.per_family.database(), stacks.mixed.database()];
     let databases: Result<(i64, i64), sqlx::Error> = sqlx::query_as(
         "SELECT count(*), COALESCE(sum(pg_database_size(datname)), 0)::bigint
            FROM pg_database WHERE datname ~ '^wl_test_' AND datname <> ALL($1)",
     )
-    .bind(&own)
+    .bind(own)
     .fetch_one(&stacks.per_family.pool)
     .await;
     let prefixes = [
@@ -1770,10 +1767,9 @@ async fn leftovers(stacks: &Stacks) -> String {
             let (mut count, mut partitions) = (0usize, 0usize);
             for topic in metadata.topics() {
                 let name = topic.name();
-                let test_topic = name.starts_with('t')
-                    && name.find('.') == Some(13)
-                    && name[1..13].bytes().all(|b| b.is_ascii_hexdigit());
-                if test_topic && !prefixes.iter().any(|p| name.starts_with(p)) {
+                if test_run_of_topic(name).is_some()
+                    && !prefixes.iter().any(|p| name.starts_with(p))
+                {
                     count += 1;
                     partitions += topic.partitions().len();
                 }
