@@ -184,7 +184,6 @@ const NEXT_CHANGE: &str = "
                 SELECT n.valid_from_tick FROM weather.weather_changes n
                  WHERE n.region_key = h.region_key
                    AND n.world_id = h.world_id AND n.region = h.region
-                   AND n.valid_from_tick >= h.valid_from_tick
                    AND (n.valid_from_tick, n.log_offset) > (h.valid_from_tick, h.log_offset)
                  ORDER BY n.valid_from_tick, n.log_offset
                  LIMIT 1) n ON true

@@ -1755,27 +1755,24 @@ async fn leftovers(stacks: &Stacks) -> String {
         stacks.per_family.settings.topics.prefix.as_str(),
         stacks.mixed.settings.topics.prefix.as_str(),
     ];
-    let topics = rdkafka::ClientConfig::new()
-        .set(
-            "bootstrap.servers",
-            &stacks.per_family.settings.kafka.bootstrap_servers,
-        )
-        .create::<rdkafka::consumer::BaseConsumer>()
-        .and_then(|client| {
-            use rdkafka::consumer::Consumer;
-            let metadata = client.fetch_metadata(None, Duration::from_secs(10))?;
-            let (mut count, mut partitions) = (0usize, 0usize);
-            for topic in metadata.topics() {
-                let name = topic.name();
-                if test_run_of_topic(name).is_some()
-                    && !prefixes.iter().any(|p| name.starts_with(p))
-                {
-                    count += 1;
-                    partitions += topic.partitions().len();
-                }
+    let topics = worldline_ops::kafka::base_client_config(
+        &stacks.per_family.settings.kafka,
+        "worldline-bench-leftovers",
+    )
+    .create::<rdkafka::consumer::BaseConsumer>()
+    .and_then(|client| {
+        use rdkafka::consumer::Consumer;
+        let metadata = client.fetch_metadata(None, Duration::from_secs(10))?;
+        let (mut count, mut partitions) = (0usize, 0usize);
+        for topic in metadata.topics() {
+            let name = topic.name();
+            if test_run_of_topic(name).is_some() && !prefixes.iter().any(|p| name.starts_with(p)) {
+                count += 1;
+                partitions += topic.partitions().len();
             }
-            Ok((count, partitions))
-        });
+        }
+        Ok((count, partitions))
+    });
     let databases = match databases {
         Ok((count, bytes)) => format!(
             "{count} other test database(s), {:.0} MiB",
@@ -2395,11 +2392,41 @@ const KEPT_UP: f64 = 0.95;
 /// times the freshness goal.
 const LAG_BOUND_MS: f64 = 1000.0;
 
-/// Whether a paced run kept up with its rate: as many events became visible
-/// per second as were appended (within [`KEPT_UP`]), and the lag stayed
-/// bounded ([`LAG_BOUND_MS`]).
+/// How a paced run did against its rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    /// As many events became visible per second as were appended (within
+    /// [`KEPT_UP`]), and the lag stayed bounded ([`LAG_BOUND_MS`]).
+    KeptUp,
+    /// The rate held, but the lag grew past the bound.
+    LagGrew,
+    /// Fewer events became visible per second than were appended.
+    FellBehind,
+}
+
+impl Pace {
+    fn of(run: &Freshness) -> Pace {
+        if run.visible_rate < KEPT_UP * run.rate {
+            Pace::FellBehind
+        } else if run.both.p99 > LAG_BOUND_MS {
+            Pace::LagGrew
+        } else {
+            Pace::KeptUp
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Pace::KeptUp => "kept up",
+            Pace::LagGrew => "fell behind (lag grew)",
+            Pace::FellBehind => "fell behind",
+        }
+    }
+}
+
+/// Whether a paced run kept up with its rate (see [`Pace::KeptUp`]).
 fn kept_up(run: &Freshness) -> bool {
-    run.visible_rate >= KEPT_UP * run.rate && run.both.p99 <= LAG_BOUND_MS
+    Pace::of(run) == Pace::KeptUp
 }
 
 /// The mixed catch-up maximum, then the freshness runs.
@@ -2497,18 +2524,14 @@ async fn freshness_runs(
     for _ in 0..SUSTAINABLE_PROBES {
         let rate = (low + high) / 2.0;
         let probe = measure_freshness(env, &mut backlogs.workload, live, rate, length / 2).await?;
-        let verdict = if kept_up(&probe) {
-            "kept up"
-        } else if probe.visible_rate >= KEPT_UP * rate {
-            "fell behind (lag grew)"
-        } else {
-            "fell behind"
-        };
+        let pace = Pace::of(&probe);
         println!(
-            "  {rate:>8.0} events/s: {:>8.0} visible/s, p99 {:>8.1} ms -> {verdict}",
-            probe.visible_rate, probe.both.p99,
+            "  {rate:>8.0} events/s: {:>8.0} visible/s, p99 {:>8.1} ms -> {}",
+            probe.visible_rate,
+            probe.both.p99,
+            pace.label()
         );
-        if kept_up(&probe) {
+        if pace == Pace::KeptUp {
             low = rate;
         } else {
             high = rate;
@@ -2894,6 +2917,8 @@ mod tests {
             !kept_up(&probe(9_600.0, 2_956.0)),
             "the rate held, but the lag grew past the bound"
         );
+        assert_eq!(Pace::of(&probe(9_600.0, 2_956.0)), Pace::LagGrew);
+        assert_eq!(Pace::of(&probe(9_499.0, 2_956.0)), Pace::FellBehind);
     }
 
     #[test]
