@@ -103,6 +103,20 @@ impl Gathered {
         self.first_at.filter(|_| !self.records.is_empty())
     }
 
+    /// Drops the gathered records of one partition, which the consumer was
+    /// sent back on and delivers again. Read before the seek, they may start
+    /// above the position a conflict moved a projector to, and a batch cut
+    /// before their redelivery arrived would apply them over a gap.
+    pub fn forget(&mut self, topic: &str, partition: i32) {
+        self.records
+            .retain(|record| record.partition != partition || &*record.topic != topic);
+        self.last_offset
+            .retain(|(t, p), _| *p != partition || &**t != topic);
+        if self.records.is_empty() {
+            self.first_at = None;
+        }
+    }
+
     /// The records gathered so far; gathering starts again empty.
     pub fn take(&mut self) -> Vec<Record> {
         self.last_offset.clear();
@@ -441,6 +455,25 @@ mod tests {
                 ("c".to_owned(), 0, 13),
             ]
         );
+        assert!(gathered.is_empty() && gathered.first_at().is_none());
+    }
+
+    #[test]
+    fn given_a_partition_sent_back_then_its_gathered_records_wait_for_the_redelivery() {
+        let t = topics();
+        let mut gathered = Gathered::default();
+        for offset in 10..13 {
+            gathered.push(record(&t, 1, 0, offset));
+        }
+        gathered.push(record(&t, 1, 1, 7));
+        gathered.forget("c", 0);
+        assert_eq!(offsets(&gathered.take()), [("c".to_owned(), 1, 7)]);
+        // The redelivery starts the partition afresh, below what was dropped.
+        gathered.push(record(&t, 1, 0, 4));
+        gathered.forget("c", 1);
+        assert_eq!(offsets(&gathered.take()), [("c".to_owned(), 0, 4)]);
+        gathered.push(record(&t, 1, 0, 9));
+        gathered.forget("c", 0);
         assert!(gathered.is_empty() && gathered.first_at().is_none());
     }
 

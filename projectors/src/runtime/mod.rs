@@ -434,7 +434,9 @@ impl ProjectorRuntime {
                 }
             }
             if !conflicts.is_empty() {
-                self.resync(consumer, conflicts, shutdown).await;
+                for key in self.resync(consumer, conflicts, shutdown).await {
+                    gathered.forget(&key.0, key.1);
+                }
             }
             mirror.applied(&moved, &self.members, &lock(&self.ownership));
             self.housekeeping(consumer, &mut mirror);
@@ -552,12 +554,13 @@ impl ProjectorRuntime {
     /// and every partition involved is delivered again from the lowest
     /// position of the projectors that own it (the others pass over what they
     /// applied already).
+    /// Returns the partitions sent back.
     async fn resync(
         &self,
         consumer: &StreamConsumer<SetContext>,
         conflicts: Vec<(usize, Vec<PartitionKey>)>,
         shutdown: &CancellationToken,
-    ) {
+    ) -> BTreeSet<PartitionKey> {
         let mut involved: BTreeSet<PartitionKey> = BTreeSet::new();
         for (index, partitions) in conflicts {
             let member = &self.members[index];
@@ -593,8 +596,8 @@ impl ProjectorRuntime {
                 involved.insert(key);
             }
         }
-        for key in involved {
-            let start = delivery_start(&self.members, &lock(&self.ownership), &key);
+        for key in &involved {
+            let start = delivery_start(&self.members, &lock(&self.ownership), key);
             let Some(start) = start else { continue };
             if let Err(error) = consumer.seek(
                 &key.0,
@@ -605,12 +608,13 @@ impl ProjectorRuntime {
                 tracing::warn!(%error, topic = key.0, partition = key.1, "seek failed; dropping the partition until reassigned");
                 let mut ownership = lock(&self.ownership);
                 for (index, member) in self.members.iter().enumerate() {
-                    if ownership.positions[index].remove(&key).is_some() {
-                        context::set_owned(member.name, &key, false);
+                    if ownership.positions[index].remove(key).is_some() {
+                        context::set_owned(member.name, key, false);
                     }
                 }
             }
         }
+        involved
     }
 
     /// Whether every projector has applied every partition with a stop offset
