@@ -432,14 +432,20 @@ mod tests {
             .collect()
     }
 
+    /// Records `first..end` of partition 0 of topic "c", then offset 7 of its partition 1.
+    fn gathered_from(t: &[Arc<str>], first: i64, end: i64) -> Gathered {
+        let mut gathered = Gathered::default();
+        for offset in first..end {
+            gathered.push(record(t, 1, 0, offset));
+        }
+        gathered.push(record(t, 1, 1, 7));
+        gathered
+    }
+
     #[test]
     fn given_a_partition_delivered_again_from_below_then_the_new_delivery_replaces_the_old() {
         let t = topics();
-        let mut gathered = Gathered::default();
-        for offset in 10..15 {
-            gathered.push(record(&t, 1, 0, offset));
-        }
-        gathered.push(record(&t, 1, 1, 7));
+        let mut gathered = gathered_from(&t, 10, 15);
         // The consumer restarted partition 0 at 12 (a seek, a re-assignment).
         for offset in 12..14 {
             gathered.push(record(&t, 1, 0, offset));
@@ -461,11 +467,7 @@ mod tests {
     #[test]
     fn given_a_partition_sent_back_then_its_gathered_records_wait_for_the_redelivery() {
         let t = topics();
-        let mut gathered = Gathered::default();
-        for offset in 10..13 {
-            gathered.push(record(&t, 1, 0, offset));
-        }
-        gathered.push(record(&t, 1, 1, 7));
+        let mut gathered = gathered_from(&t, 10, 13);
         gathered.forget("c", 0);
         assert_eq!(offsets(&gathered.take()), [("c".to_owned(), 1, 7)]);
         // The redelivery starts the partition afresh, below what was dropped.
