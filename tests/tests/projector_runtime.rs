@@ -677,21 +677,7 @@ async fn a_conflict_on_one_partition_loses_nothing_on_the_others_in_the_same_bat
     .await
     .unwrap();
     let projector = env.start_projector(Arc::new(WorldsProjector));
-    eventually(
-        Duration::from_secs(30),
-        "the runtime to wait on the held offset row",
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&env.pool)
-            .await
-            .ok()?;
-            (waiting > 0).then_some(())
-        },
-    )
-    .await;
+    until_the_runtime_waits_on_the_held_row(&env).await;
     sqlx::query(
         "UPDATE worlds.projector_offsets SET next_offset = next_offset + 10
           WHERE topic = $1 AND partition = $2",
@@ -723,6 +709,107 @@ async fn a_conflict_on_one_partition_loses_nothing_on_the_others_in_the_same_bat
     projector.stop().await;
     assert_eq!(applied(&worlds[1]).await, 25, "no tick counted twice");
     env.cleanup().await;
+}
+
+/// While a batch waits on its compare-and-set, the runtime reads the next
+/// batch ahead. When the conflict then sends the partition back to a stored
+/// offset *below* those read-ahead records (another instance applied part of
+/// what this one had read), the read-ahead must be dropped and read again:
+/// applied as they stand, they would move the offset over the records in
+/// between, which nobody applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_below_the_records_read_ahead_applies_nothing_over_a_gap() {
+    let mut env = TestEnv::new(1).await;
+    env.settings.projector.batch_max_records = 10;
+    env.settings.projector.batch_max_wait_ms = 2_000;
+    let world = WorldId::parse("read-ahead").unwrap();
+    let append = |from: u64, to: u64| {
+        let batch: Vec<Envelope> = (from..=to).map(|n| tick(&world, n)).collect();
+        let appender = env.appender();
+        async move {
+            pipeline::append(&appender, &batch).await;
+        }
+    };
+    let applied = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT records_applied FROM worlds.worlds WHERE world_id = $1",
+        )
+        .bind(world.as_str())
+        .fetch_optional(&env.pool)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+    };
+    let stored = || async {
+        sqlx::query_scalar::<_, i64>("SELECT next_offset FROM worlds.projector_offsets")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap()
+    };
+
+    // Offsets 0..=9 applied and stored.
+    append(1, 10).await;
+    let projector = env.start_projector(Arc::new(WorldsProjector));
+    eventually(Duration::from_secs(30), "the first ten ticks", || async {
+        (applied().await == 10).then_some(())
+    })
+    .await;
+    projector.stop().await;
+
+    // The next batch is offsets 10..=19; hold its offset row, so that while its
+    // compare-and-set waits the runtime reads 20..=29 ahead.
+    append(11, 40).await;
+    let mut holder = env.pool.begin().await.unwrap();
+    sqlx::query("SELECT next_offset FROM worlds.projector_offsets FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let projector = env.start_projector(Arc::new(WorldsProjector));
+    until_the_runtime_waits_on_the_held_row(&env).await;
+    // The records after the held batch are in the consumer's queue already;
+    // give the runtime a moment to take them into its next batch.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // "Another instance" applied 10..=14: the stored offset moves to 15,
+    // inside the held batch and below the records read ahead.
+    sqlx::query("UPDATE worlds.projector_offsets SET next_offset = 15")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder.commit().await.unwrap();
+
+    // 15..=39 are this instance's to apply: 25 records on top of the first 10.
+    eventually(Duration::from_secs(30), "the log's end", || async {
+        (stored().await == 40).then_some(())
+    })
+    .await;
+    projector.stop().await;
+    assert_eq!(
+        applied().await,
+        10 + 25,
+        "offsets 15..=19 applied once, none skipped or doubled"
+    );
+    env.cleanup().await;
+}
+
+/// Waits until a session of the test's database waits on a lock: the
+/// runtime's compare-and-set on an offset row the test holds.
+async fn until_the_runtime_waits_on_the_held_row(env: &TestEnv) {
+    eventually(
+        Duration::from_secs(30),
+        "the runtime to wait on the held offset row",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .ok()?;
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
 }
 
 /// Two world ids that the Java-compatible partitioner puts on different partitions.
