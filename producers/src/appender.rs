@@ -87,8 +87,8 @@ pub struct Appender {
     producer: Arc<ProducerSlot<FutureProducer>>,
     kafka: Arc<KafkaSettings>,
     options: Arc<AppenderOptions>,
-    /// Each family's topic, in `Family::ALL` order, named once.
-    topics: Arc<[String]>,
+    /// Each family's topic, at [`Family::index`], named once.
+    topics: Arc<[String; Family::ALL.len()]>,
 }
 
 /// The producer the clones of an [`Appender`] share, numbered by generation.
@@ -205,10 +205,7 @@ impl Appender {
         Ok(Appender {
             producer: Arc::new(ProducerSlot::new(producer)),
             kafka: Arc::new(kafka.clone()),
-            topics: Family::ALL
-                .iter()
-                .map(|family| family.topic(&options.topic_prefix))
-                .collect(),
+            topics: Arc::new(Family::ALL.map(|family| family.topic(&options.topic_prefix))),
             options: Arc::new(options),
         })
     }
@@ -219,9 +216,7 @@ impl Appender {
     }
 
     fn topic_name(&self, family: Family) -> &str {
-        let slot = Family::ALL.iter().position(|f| *f == family);
-        slot.and_then(|slot| self.topics.get(slot))
-            .map_or("", String::as_str)
+        &self.topics[family.index()]
     }
 
     /// Appends one event and waits until Kafka has acknowledged it.

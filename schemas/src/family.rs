@@ -32,6 +32,18 @@ impl Family {
         Family::Inference,
     ];
 
+    /// Where the family stands in [`Family::ALL`]: an index for per-family
+    /// arrays (counts, topic names) without a search or a map.
+    pub fn index(self) -> usize {
+        match self {
+            Family::World => 0,
+            Family::Clock => 1,
+            Family::Weather => 2,
+            Family::Story => 3,
+            Family::Inference => 4,
+        }
+    }
+
     /// The short name used in topic names, metrics and the CLI.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -120,6 +132,13 @@ mod tests {
         assert_eq!(Family::Clock.topic(""), "worldline.clock.v1");
         assert_eq!(Family::from_topic("worldline.clock.v2", ""), None);
         assert_eq!(Family::from_topic("other.worldline.clock.v1", ""), None);
+    }
+
+    #[test]
+    fn every_family_stands_at_its_index_in_all() {
+        for (position, family) in Family::ALL.into_iter().enumerate() {
+            assert_eq!(family.index(), position, "{family}");
+        }
     }
 
     #[test]

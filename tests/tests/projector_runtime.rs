@@ -633,21 +633,6 @@ async fn a_conflict_on_one_partition_loses_nothing_on_the_others_in_the_same_bat
             pipeline::append(&appender, &batch).await;
         }
     };
-    let applied = |world: &WorldId| {
-        let pool = env.pool.clone();
-        let world = world.as_str().to_owned();
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT records_applied FROM worlds.worlds WHERE world_id = $1",
-            )
-            .bind(world)
-            .fetch_optional(&pool)
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(0)
-        }
-    };
     let clock_topic = env.topic(Family::Clock);
     let first_partition =
         worldline_schemas::partitioner::partition_for_key(worlds[0].as_str().as_bytes(), 2);
@@ -656,7 +641,7 @@ async fn a_conflict_on_one_partition_loses_nothing_on_the_others_in_the_same_bat
     let projector = env.start_projector(Arc::new(WorldsProjector));
     for world in &worlds {
         eventually(Duration::from_secs(30), "the first ten ticks", || async {
-            (applied(world).await == 10).then_some(())
+            (records_applied(&env, world).await == 10).then_some(())
         })
         .await;
     }
@@ -695,7 +680,7 @@ async fn a_conflict_on_one_partition_loses_nothing_on_the_others_in_the_same_bat
     eventually(
         Duration::from_secs(30),
         "every tick of the second world",
-        || async { (applied(&worlds[1]).await == 25).then_some(()) },
+        || async { (records_applied(&env, &worlds[1]).await == 25).then_some(()) },
     )
     .await;
     // And the first world's counter moved only by what was applied here (the
@@ -703,11 +688,15 @@ async fn a_conflict_on_one_partition_loses_nothing_on_the_others_in_the_same_bat
     eventually(
         Duration::from_secs(30),
         "the first world's remaining ticks",
-        || async { (applied(&worlds[0]).await == 15).then_some(()) },
+        || async { (records_applied(&env, &worlds[0]).await == 15).then_some(()) },
     )
     .await;
     projector.stop().await;
-    assert_eq!(applied(&worlds[1]).await, 25, "no tick counted twice");
+    assert_eq!(
+        records_applied(&env, &worlds[1]).await,
+        25,
+        "no tick counted twice"
+    );
     env.cleanup().await;
 }
 
@@ -730,17 +719,7 @@ async fn a_conflict_below_the_records_read_ahead_applies_nothing_over_a_gap() {
             pipeline::append(&appender, &batch).await;
         }
     };
-    let applied = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT records_applied FROM worlds.worlds WHERE world_id = $1",
-        )
-        .bind(world.as_str())
-        .fetch_optional(&env.pool)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(0)
-    };
+    let applied = || records_applied(&env, &world);
     let stored = || async {
         sqlx::query_scalar::<_, i64>("SELECT next_offset FROM worlds.projector_offsets")
             .fetch_one(&env.pool)
@@ -790,6 +769,18 @@ async fn a_conflict_below_the_records_read_ahead_applies_nothing_over_a_gap() {
         "offsets 15..=19 applied once, none skipped or doubled"
     );
     env.cleanup().await;
+}
+
+/// `worlds.records_applied` of `world`: every record applied to it,
+/// duplicates included (0 before the first).
+async fn records_applied(env: &TestEnv, world: &WorldId) -> i64 {
+    sqlx::query_scalar::<_, i64>("SELECT records_applied FROM worlds.worlds WHERE world_id = $1")
+        .bind(world.as_str())
+        .fetch_optional(&env.pool)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0)
 }
 
 /// Waits until a session of the test's database waits on a lock: the

@@ -67,16 +67,6 @@ struct WorldDelta {
     status: Option<(&'static str, i64)>,
 }
 
-fn family_index(family: Family) -> usize {
-    match family {
-        Family::World => 0,
-        Family::Clock => 1,
-        Family::Weather => 2,
-        Family::Story => 3,
-        Family::Inference => 4,
-    }
-}
-
 /// Folds a batch into per-world deltas. `new[i]` says whether event `i` is
 /// the first occurrence of an id not seen before: only those count towards the
 /// per-family counts; every record counts towards `records` (the
@@ -97,7 +87,7 @@ fn fold<'e>(
         if !new {
             continue;
         }
-        delta.counts[family_index(Family::of(body))] += 1;
+        delta.counts[Family::of(body).index()] += 1;
         delta.latest_tick = delta.latest_tick.max(to_i64(envelope.world_tick));
         let at = envelope.occurred_at();
         delta.last_event_at = Some(delta.last_event_at.map_or(at, |t| t.max(at)));

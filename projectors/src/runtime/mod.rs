@@ -553,8 +553,8 @@ impl ProjectorRuntime {
     /// After conflicts: each conflicting projector adopts its stored offsets,
     /// and every partition involved is delivered again from the lowest
     /// position of the projectors that own it (the others pass over what they
-    /// applied already).
-    /// Returns the partitions sent back.
+    /// applied already). Returns the partitions sent back, which the caller
+    /// must read again from there.
     async fn resync(
         &self,
         consumer: &StreamConsumer<SetContext>,

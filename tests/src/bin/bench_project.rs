@@ -2399,11 +2399,16 @@ enum WithinGoal {
     Below(f64),
 }
 
-/// One step of the search for the highest rate meeting the goal: the rate
-/// probed moves the lower bound up when its p99 met the goal, the upper one
-/// down when it did not.
-fn narrow((low, high): (f64, f64), probed: f64, p99_ms: f64) -> (f64, f64) {
-    if p99_ms <= FRESHNESS_GOAL_MS {
+/// Whether a run's p99 (append -> both) met the freshness goal.
+fn meets_goal(p99_ms: f64) -> bool {
+    p99_ms <= FRESHNESS_GOAL_MS
+}
+
+/// One step of a bisection over rates (both searches): a probe that passed
+/// moves the lower bound up to its rate, one that did not moves the upper
+/// bound down to it.
+fn narrow((low, high): (f64, f64), probed: f64, passed: bool) -> (f64, f64) {
+    if passed {
         (probed, high)
     } else {
         (low, probed)
@@ -2548,14 +2553,13 @@ async fn freshness_runs(
         (length / 2).as_secs(),
         KEPT_UP * 100.0
     );
-    let (mut low, mut high) = (tenth.rate, mixed_rate);
-    if kept_up(&half_of_catch_up) {
-        low = half_of_catch_up.rate;
-    } else {
-        high = half_of_catch_up.rate;
-    }
+    let mut bounds = narrow(
+        (tenth.rate, mixed_rate),
+        half_of_catch_up.rate,
+        kept_up(&half_of_catch_up),
+    );
     for _ in 0..SUSTAINABLE_PROBES {
-        let rate = (low + high) / 2.0;
+        let rate = (bounds.0 + bounds.1) / 2.0;
         let probe = measure_freshness(env, &mut backlogs.workload, live, rate, length / 2).await?;
         let pace = Pace::of(&probe);
         println!(
@@ -2564,13 +2568,9 @@ async fn freshness_runs(
             probe.both.p99,
             pace.label()
         );
-        if pace == Pace::KeptUp {
-            low = rate;
-        } else {
-            high = rate;
-        }
+        bounds = narrow(bounds, rate, pace == Pace::KeptUp);
     }
-    let sustainable = low;
+    let sustainable = bounds.0;
     println!(
         "  maximum sustainable throughput: {sustainable:.0} events/s ({:.2}x the catch-up \
          maximum)",
@@ -2590,14 +2590,14 @@ async fn freshness_runs(
         phase_done,
     )
     .await?;
-    let within_goal = if judged.both.p99 <= FRESHNESS_GOAL_MS {
+    let within_goal = if meets_goal(judged.both.p99) {
         WithinGoal::AtTheJudgedRate(judged.rate)
     } else {
         // Between no load and the judged rate; the tenth run narrows it
         // first when it lies in between.
         let mut bounds = (0.0, judged.rate);
         if tenth.rate < judged.rate {
-            bounds = narrow(bounds, tenth.rate, tenth.both.p99);
+            bounds = narrow(bounds, tenth.rate, meets_goal(tenth.both.p99));
         }
         println!(
             "\n8. The highest rate meeting the freshness goal: bisection between {:.0} and \
@@ -2616,13 +2616,13 @@ async fn freshness_runs(
                 "  {rate:>8.0} events/s: p50 {:>6.1} ms, p99 {:>8.1} ms -> {}",
                 probe.both.p50,
                 probe.both.p99,
-                if probe.both.p99 <= FRESHNESS_GOAL_MS {
+                if meets_goal(probe.both.p99) {
                     "met"
                 } else {
                     "missed"
                 }
             );
-            bounds = narrow(bounds, rate, probe.both.p99);
+            bounds = narrow(bounds, rate, meets_goal(probe.both.p99));
         }
         phase_done();
         if bounds.0 > 0.0 {
@@ -3024,11 +3024,14 @@ mod tests {
     fn given_probes_when_searching_the_goal_then_met_raises_the_floor_and_missed_lowers_the_ceiling()
      {
         let start = (2_000.0, 24_000.0);
-        let after_miss = narrow(start, 13_000.0, 180.0);
+        let after_miss = narrow(start, 13_000.0, meets_goal(180.0));
         assert_eq!(after_miss, (2_000.0, 13_000.0));
-        let after_met = narrow(after_miss, 7_500.0, FRESHNESS_GOAL_MS);
+        let after_met = narrow(after_miss, 7_500.0, meets_goal(FRESHNESS_GOAL_MS));
         assert_eq!(after_met, (7_500.0, 13_000.0), "exactly the goal meets it");
-        assert_eq!(narrow(after_met, 10_250.0, 100.1), (7_500.0, 10_250.0));
+        assert_eq!(
+            narrow(after_met, 10_250.0, meets_goal(100.1)),
+            (7_500.0, 10_250.0)
+        );
     }
 
     #[test]
