@@ -2593,11 +2593,12 @@ async fn freshness_runs(
     let within_goal = if meets_goal(judged.both.p99) {
         WithinGoal::AtTheJudgedRate(judged.rate)
     } else {
-        // Between no load and the judged rate; the tenth run narrows it
-        // first when it lies in between.
+        // Between no load and the judged rate. The tenth run raises the
+        // floor when it met the goal; one noisy miss of it must not cap the
+        // search below it.
         let mut bounds = (0.0, judged.rate);
-        if tenth.rate < judged.rate {
-            bounds = narrow(bounds, tenth.rate, meets_goal(tenth.both.p99));
+        if tenth.rate < judged.rate && meets_goal(tenth.both.p99) {
+            bounds.0 = tenth.rate;
         }
         println!(
             "\n8. The highest rate meeting the freshness goal: bisection between {:.0} and \
